@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up, then fine-tune the embedded tiny Qwen2.5 on the demo data and merge the adapter.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+source scripts/env.sh
+kedro run --pipeline sft
+kedro run --pipeline merge

@@ -1,0 +1,196 @@
+"""Typed configuration: each ``params:<section>`` block becomes a frozen dataclass at a node's edge.
+
+``parse_config`` checks every key (unknown names, wrong types, values out of range) and
+raises one ``ConfigError`` listing all problems, each naming its key, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar, Union
+
+from .models import EMBEDDED_MODEL
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems, each naming its key."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if origin in (list, tuple):
+        (item,) = typing.get_args(hint)[:1] or (Any,)
+        return isinstance(value, (list, tuple)) and all(_matches(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(hint))
+    if origin in (list, tuple):
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def parse_config(cls: type[T], data: Mapping[str, Any] | None, section: str) -> T:
+    """Build ``cls`` from a parameters block, collecting every problem before raising."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    problems = []
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"{section}.{key}: unknown parameter{hint}")
+    for key in names:
+        if key in data and not _matches(data[key], hints[key]):
+            problems.append(f"{section}.{key}: expected {_describe(hints[key])}, got {data[key]!r}")
+    if problems:
+        raise ConfigError(problems)
+    kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()}
+    config = cls(**kwargs)
+    check = getattr(config, "problems", None)
+    if check is not None and (found := check()):
+        raise ConfigError([f"{section}.{p}" for p in found])
+    return config
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """``params:model``: which base model, shared by format, train, merge and evaluate."""
+
+    model_name_or_path: str = EMBEDDED_MODEL  # hub id, local directory, or the embedded default
+    trust_remote_code: bool = False  # never run model code from a hub unless asked
+    use_fast_tokenizer: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestConfig:
+    """``params:ingest``: which datasets of dataset_info.json to read."""
+
+    dataset: list[str] = dataclasses.field(default_factory=list)  # names in dataset_info.json
+    max_samples: int | None = None  # keep at most this many records per dataset
+
+    def problems(self) -> list[str]:
+        found = []
+        if not self.dataset:
+            found.append("dataset: name at least one dataset of dataset_info.json")
+        if self.max_samples is not None and self.max_samples < 1:
+            found.append(f"max_samples: must be positive, got {self.max_samples}")
+        return found
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidateConfig:
+    """``params:validate``."""
+
+    max_rejected_share: float = 0.5  # stop the run when more than this share of records is rejected
+
+    def problems(self) -> list[str]:
+        if not 0.0 <= self.max_rejected_share <= 1.0:
+            return [f"max_rejected_share: must be within [0, 1], got {self.max_rejected_share}"]
+        return []
+
+
+@dataclasses.dataclass(frozen=True)
+class FormatConfig:
+    """``params:format``: the chat template and how conversations become tokens."""
+
+    template: Literal["qwen"] = "qwen"
+    cutoff_len: int = 2048  # max tokens per example; shared between prompt and answer
+    train_on_prompt: bool = False  # also learn the prompt tokens
+    mask_history: bool = False  # learn only the last answer of multi-turn conversations
+    val_size: float | int = 0.0  # validation split: a fraction (<1) or a record count
+    seed: int = 42  # for the train/validation split
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.cutoff_len < 1:
+            found.append(f"cutoff_len: must be positive, got {self.cutoff_len}")
+        if self.train_on_prompt and self.mask_history:
+            found.append("mask_history: cannot be combined with train_on_prompt")
+        if self.val_size < 0 or (isinstance(self.val_size, float) and self.val_size >= 1):
+            found.append(f"val_size: a fraction in [0, 1) or a count >= 0, got {self.val_size}")
+        return found
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """``params:train``: the SFT recipe's hyperparameters (LLaMA-Factory's names and meanings)."""
+
+    finetuning_type: Literal["lora"] = "lora"
+    lora_rank: int = 8
+    lora_alpha: int | None = None  # default: 2 * lora_rank (as LLaMA-Factory)
+    lora_dropout: float = 0.0
+    lora_target: str | list[str] = "all"  # "all" = every linear layer but the output head
+    learning_rate: float = 1.0e-4
+    num_train_epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    per_device_train_batch_size: int = 1
+    per_device_eval_batch_size: int = 1
+    gradient_accumulation_steps: int = 8
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    logging_steps: int = 1
+    seed: int = 42
+    output_dir: str = "data/06_models/checkpoints"  # Trainer scratch space (checkpoints, logs)
+
+    def problems(self) -> list[str]:
+        found = []
+        for key in ("lora_rank", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
+            if getattr(self, key) < 1:
+                found.append(f"{key}: must be positive, got {getattr(self, key)}")
+        if self.learning_rate <= 0:
+            found.append(f"learning_rate: must be positive, got {self.learning_rate}")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            found.append("num_train_epochs: must be positive when max_steps is not set")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            found.append(f"lora_dropout: must be within [0, 1), got {self.lora_dropout}")
+        return found
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeConfig:
+    """``params:merge``: merging the adapter into the base and checking the result."""
+
+    max_shard_size: str = "2GB"  # size of each safetensors shard
+    check_tolerance: float = 1.0e-4  # max |merged - (base + adapter)| logit difference allowed
+    check_text: str = "Merging must not change what the model says. 合并后的模型必须给出相同的结果。"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """``params:evaluate``: eval loss on the validation split and a few greedy generations."""
+
+    batch_size: int = 4
+    num_generations: int = 4  # validation examples to generate answers for
+    max_new_tokens: int = 32

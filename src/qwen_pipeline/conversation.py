@@ -1,0 +1,92 @@
+"""The one type every stage speaks: a conversation of role-tagged messages.
+
+Ingest turns alpaca / sharegpt / openai records into ``Conversation``; validate
+checks their shape; format turns them into tokens. Conversations travel between
+pipelines as plain dicts (``to_dict`` / ``from_dict``) so the catalog can store
+them as JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+Role = Literal["user", "assistant", "observation", "function"]
+ROLES: tuple[str, ...] = get_args(Role)
+# Roles that ask (the prompt side of a turn) and roles that answer (the target side).
+PROMPT_ROLES = ("user", "observation")
+ANSWER_ROLES = ("assistant", "function")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a record came from, so any problem can point back at it."""
+
+    dataset: str
+    file: str
+    index: int
+
+    def describe(self) -> str:
+        return f"{self.file} record {self.index} (dataset {self.dataset!r})"
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    content: str
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"unknown role {self.role!r}; expected one of {', '.join(ROLES)}")
+        if not isinstance(self.content, str):
+            raise TypeError(f"message content must be a string, got {type(self.content).__name__}")
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """Alternating prompt / answer messages, an optional system prompt and tool spec.
+
+    ``system=None`` means "not given": the template then uses its default system
+    prompt. An empty string is a given, empty system prompt.
+    """
+
+    messages: tuple[Message, ...]
+    source: Source
+    system: str | None = None
+    tools: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def problems(self) -> list[str]:
+        """Everything wrong with the shape of this conversation, in order (empty if fine)."""
+        found: list[str] = []
+        if not self.messages:
+            return ["no messages"]
+        if len(self.messages) % 2:
+            found.append(f"odd number of messages ({len(self.messages)}): the last prompt has no answer")
+        for i, message in enumerate(self.messages):
+            expected = PROMPT_ROLES if i % 2 == 0 else ANSWER_ROLES
+            if message.role not in expected:
+                side = "a prompt (user/observation)" if i % 2 == 0 else "an answer (assistant/function)"
+                found.append(f"message {i}: role {message.role!r} where {side} was expected")
+            if not message.content.strip() and message.role in PROMPT_ROLES:
+                found.append(f"message {i}: empty {message.role} content")
+        return found
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dataset": self.source.dataset,
+            "file": self.source.file,
+            "index": self.source.index,
+            "system": self.system,
+            "tools": self.tools,
+            "messages": [{"role": m.role, "content": m.content} for m in self.messages],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Conversation:
+        return cls(
+            messages=tuple(Message(m["role"], m["content"]) for m in data["messages"]),
+            source=Source(data["dataset"], data["file"], int(data["index"])),
+            system=data.get("system"),
+            tools=data.get("tools"),
+        )

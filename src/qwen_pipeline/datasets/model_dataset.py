@@ -1,0 +1,124 @@
+"""A Kedro dataset for a ``save_pretrained`` model directory (full model or PEFT adapter)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from kedro.io import AbstractDataset, DatasetError
+
+logger = logging.getLogger(__name__)
+
+# Written last into every directory this dataset saves: its presence means "complete".
+MANIFEST = "qwen_pipeline.json"
+
+
+@dataclass
+class ModelBundle:
+    """A model with its tokenizer, and where it came from."""
+
+    model: Any
+    tokenizer: Any
+    base_model: str  # the model_name_or_path the weights started from
+    info: dict[str, Any] = field(default_factory=dict)  # anything else worth recording
+
+
+class ModelDataset(AbstractDataset[ModelBundle, ModelBundle]):
+    """Saves and loads a model directory written with ``save_pretrained``.
+
+    Example catalog entry::
+
+        trained_model:
+          type: qwen_pipeline.datasets.ModelDataset
+          filepath: data/06_models/adapter
+          kind: adapter            # or causal_lm
+          save_args:
+            max_shard_size: 2GB
+          mlflow_artifact_path: merged_model   # also log the directory to the active MLflow run
+
+    Saving writes into a temporary sibling and renames it into place, with the
+    manifest written last, so an interrupted save never leaves a directory that
+    looks complete. ``kind: adapter`` loads the base model named in the manifest and
+    puts the adapter on top of it.
+    """
+
+    DEFAULT_SAVE_ARGS: dict[str, Any] = {"safe_serialization": True, "max_shard_size": "2GB"}
+    DEFAULT_LOAD_ARGS: dict[str, Any] = {"dtype": "float32"}
+
+    def __init__(
+        self,
+        *,
+        filepath: str,
+        kind: Literal["adapter", "causal_lm"] = "causal_lm",
+        save_args: dict[str, Any] | None = None,
+        load_args: dict[str, Any] | None = None,
+        mlflow_artifact_path: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ):
+        if kind not in ("adapter", "causal_lm"):
+            raise DatasetError(f"ModelDataset {filepath}: kind must be 'adapter' or 'causal_lm', got {kind!r}")
+        self._filepath = Path(filepath)
+        self._kind = kind
+        self._save_args = {**self.DEFAULT_SAVE_ARGS, **(save_args or {})}
+        self._load_args = {**self.DEFAULT_LOAD_ARGS, **(load_args or {})}
+        self._mlflow_artifact_path = mlflow_artifact_path
+        self.metadata = metadata
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath), "kind": self._kind, "save_args": self._save_args}
+
+    def _exists(self) -> bool:
+        return (self._filepath / MANIFEST).is_file()
+
+    def _save(self, data: ModelBundle) -> None:
+        target = self._filepath
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        try:
+            data.model.save_pretrained(tmp, **self._save_args)
+            data.tokenizer.save_pretrained(tmp)
+            manifest = {"kind": self._kind, "base_model": data.base_model, **data.info}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+            old = None
+            if target.exists():
+                old = target.with_name(f".{target.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
+                target.rename(old)
+            tmp.rename(target)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("Saved %s to %s", self._kind, target)
+        self._log_to_mlflow()
+
+    def _log_to_mlflow(self) -> None:
+        if not self._mlflow_artifact_path:
+            return
+        import mlflow
+
+        if mlflow.active_run() is None:
+            logger.warning("No active MLflow run: %s not logged as an artifact", self._filepath)
+            return
+        mlflow.log_artifacts(str(self._filepath), artifact_path=self._mlflow_artifact_path)
+
+    def _load(self) -> ModelBundle:
+        from ..models import load_causal_lm, load_tokenizer
+
+        if not self._exists():
+            raise DatasetError(f"{self._filepath}: no complete model directory here (no {MANIFEST})")
+        manifest = json.loads((self._filepath / MANIFEST).read_text())
+        tokenizer = load_tokenizer(str(self._filepath))
+        if self._kind == "causal_lm":
+            model = load_causal_lm(str(self._filepath), **self._load_args)
+        else:
+            from peft import PeftModel
+
+            base = load_causal_lm(manifest["base_model"], **self._load_args)
+            model = PeftModel.from_pretrained(base, str(self._filepath), is_trainable=False)
+        info = {k: v for k, v in manifest.items() if k not in ("kind", "base_model")}
+        return ModelBundle(model=model, tokenizer=tokenizer, base_model=manifest["base_model"], info=info)

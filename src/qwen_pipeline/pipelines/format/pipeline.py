@@ -1,0 +1,16 @@
+from kedro.pipeline import Node, Pipeline
+
+from .nodes import tokenize_conversations
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline(
+        [
+            Node(
+                func=tokenize_conversations,
+                inputs=["conversations", "params:model", "params:format"],
+                outputs=["sft_dataset", "format_report"],
+                name="tokenize_conversations_node",
+            )
+        ]
+    )

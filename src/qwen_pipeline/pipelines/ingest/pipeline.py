@@ -1,0 +1,16 @@
+from kedro.pipeline import Node, Pipeline
+
+from .nodes import ingest_datasets
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline(
+        [
+            Node(
+                func=ingest_datasets,
+                inputs=["raw_datasets", "params:ingest"],
+                outputs="raw_conversations",
+                name="ingest_datasets_node",
+            )
+        ]
+    )

@@ -1,0 +1,16 @@
+from kedro.pipeline import Node, Pipeline
+
+from .nodes import train_model
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline(
+        [
+            Node(
+                func=train_model,
+                inputs=["sft_dataset", "params:model", "params:train"],
+                outputs=["trained_model", "train_loss_history", "training_summary", "training_metrics"],
+                name="train_model_node",
+            )
+        ]
+    )

@@ -1,0 +1,16 @@
+from kedro.pipeline import Node, Pipeline
+
+from .nodes import validate_conversations
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline(
+        [
+            Node(
+                func=validate_conversations,
+                inputs=["raw_conversations", "params:validate"],
+                outputs=["conversations", "rejected_records", "validation_report", "validation_metrics"],
+                name="validate_conversations_node",
+            )
+        ]
+    )

@@ -1,0 +1,12 @@
+"""Kedro settings for qwen_pipeline."""
+
+from kedro.config import OmegaConfigLoader
+
+CONFIG_LOADER_CLASS = OmegaConfigLoader
+CONFIG_LOADER_ARGS = {
+    "base_env": "base",
+    "default_run_env": "local",
+    # conf/<env>/parameters*.yml override single keys, not whole top-level blocks.
+    "merge_strategy": {"parameters": "soft"},
+    "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**"]},
+}

@@ -1,0 +1,157 @@
+"""The ``qwen`` chat template: conversation -> (input_ids, labels), as LLaMA-Factory does for SFT.
+
+Facts carried from LLaMA-Factory 0.9.5 (template ``qwen``, stage ``sft``):
+- turn 0's source is the system piece then the first prompt piece; each later source is
+  the next prompt; targets are the answers. Every piece is tokenized on its own (which is
+  why ids can differ from tokenizing the whole rendered text at piece boundaries);
+- the system piece is always present: a conversation's own non-empty system prompt,
+  otherwise the default one; no BOS token;
+- an answer's ``<|im_end|>`` and the newline after it are part of its labels;
+- ``cutoff_len`` is shared turn by turn with ``infer_seqlen``; both sides keep their heads;
+- ``mask_history`` labels only the last answer and visits turns last-first, so the
+  earliest turns are the ones cut.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .conversation import Conversation
+
+IGNORE_INDEX = -100
+DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+SYSTEM_PIECE = "<|im_start|>system\n{content}<|im_end|>\n"
+PROMPT_PIECES = {
+    "user": "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
+    "observation": (
+        "<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    ),
+}
+ANSWER_PIECES = {"assistant": "{content}<|im_end|>\n"}
+
+
+@dataclass(frozen=True)
+class TemplateOptions:
+    cutoff_len: int = 2048
+    train_on_prompt: bool = False
+    mask_history: bool = False
+    default_system: str = DEFAULT_SYSTEM
+
+    def __post_init__(self) -> None:
+        if self.cutoff_len < 1:
+            raise ValueError(f"cutoff_len must be positive, got {self.cutoff_len}")
+        if self.train_on_prompt and self.mask_history:
+            raise ValueError("train_on_prompt and mask_history cannot be combined (as in LLaMA-Factory)")
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    full_length: int  # tokens before cutoff_len was applied
+
+    @property
+    def truncated(self) -> bool:
+        return self.full_length > len(self.input_ids)
+
+
+def _fill(piece: str, content: str) -> str:
+    # str.replace, not str.format: content may hold braces (code, JSON).
+    return piece.replace("{content}", content)
+
+
+def turn_pieces(conversation: Conversation, default_system: str = DEFAULT_SYSTEM) -> list[tuple[list[str], str]]:
+    """The text pieces of each turn: ([source pieces], target piece). Each piece is tokenized alone."""
+    messages = conversation.messages
+    system = conversation.system or default_system
+    turns: list[tuple[list[str], str]] = []
+    for i in range(0, len(messages), 2):
+        prompt, answer = messages[i], messages[i + 1]
+        if prompt.role not in PROMPT_PIECES or answer.role not in ANSWER_PIECES:
+            raise ValueError(
+                f"{conversation.source.describe()}: turn {i // 2} ({prompt.role} -> {answer.role}) "
+                "is not supported by the qwen template yet"
+            )
+        source = [_fill(PROMPT_PIECES[prompt.role], prompt.content)]
+        if i == 0:
+            source.insert(0, _fill(SYSTEM_PIECE, system))
+        turns.append((source, _fill(ANSWER_PIECES[answer.role], answer.content)))
+    return turns
+
+
+def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:
+    """How many source and target tokens of a turn fit in ``cutoff_len`` (LLaMA-Factory's rule)."""
+    if target_len * 2 < cutoff_len:  # a short target keeps all of itself
+        max_target_len = cutoff_len
+    elif source_len * 2 < cutoff_len:  # a short source keeps all of itself
+        max_target_len = cutoff_len - source_len
+    else:  # both long: share in proportion
+        max_target_len = int(cutoff_len * (target_len / (source_len + target_len)))
+    new_target_len = min(max_target_len, target_len)
+    new_source_len = min(max(cutoff_len - new_target_len, 0), source_len)
+    return new_source_len, new_target_len
+
+
+def assemble(turns: Sequence[tuple[list[int], list[int]]], options: TemplateOptions) -> Encoded:
+    """Join tokenized turns into input_ids and labels, applying cutoff and masking."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    full_length = sum(len(s) + len(t) for s, t in turns)
+    ordered = list(reversed(turns)) if options.mask_history else list(turns)
+    total = 0
+    for turn_idx, (source_ids, target_ids) in enumerate(ordered):
+        if total >= options.cutoff_len:
+            break
+        source_len, target_len = infer_seqlen(len(source_ids), len(target_ids), options.cutoff_len - total)
+        source_ids, target_ids = source_ids[:source_len], target_ids[:target_len]
+        total += source_len + target_len
+        source_labels = list(source_ids) if options.train_on_prompt else [IGNORE_INDEX] * source_len
+        if options.mask_history and turn_idx != 0:
+            target_labels = [IGNORE_INDEX] * target_len
+        else:
+            target_labels = list(target_ids)
+        if options.mask_history:  # visited last-first: prepend
+            input_ids = source_ids + target_ids + input_ids
+            labels = source_labels + target_labels + labels
+        else:
+            input_ids += source_ids + target_ids
+            labels += source_labels + target_labels
+    return Encoded(input_ids=input_ids, labels=labels, full_length=full_length)
+
+
+def encode_conversations(
+    conversations: Sequence[Conversation],
+    encode_batch: Callable[[list[str]], list[list[int]]],
+    options: TemplateOptions,
+) -> list[Encoded]:
+    """Encode many conversations with one batched tokenizer call over all their pieces."""
+    all_turns = [turn_pieces(c, options.default_system) for c in conversations]
+    pieces: list[str] = []
+    for turns in all_turns:
+        for source, target in turns:
+            pieces.extend(source)
+            pieces.append(target)
+    ids = iter(encode_batch(pieces))
+    encoded = []
+    for turns in all_turns:
+        tokenized = []
+        for source, _ in turns:
+            source_ids: list[int] = []
+            for _piece in source:
+                source_ids += next(ids)
+            tokenized.append((source_ids, list(next(ids))))
+        encoded.append(assemble(tokenized, options))
+    return encoded
+
+
+def tokenizer_batch_encoder(tokenizer) -> Callable[[list[str]], list[list[int]]]:
+    """Batch encoder from a HF tokenizer: no special tokens added (the template has them)."""
+
+    def encode_batch(texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    return encode_batch

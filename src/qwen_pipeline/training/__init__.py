@@ -1,0 +1,1 @@
+"""Training: the recipe (``recipe.py``) and, later, its launcher."""
