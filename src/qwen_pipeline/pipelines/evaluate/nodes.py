@@ -84,5 +84,5 @@ def evaluate_model(
     report = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tokens,
               "examples": len(validation), "generated": len(predictions)}
     logger.info("Eval loss %.4f (perplexity %.2f) over %d tokens", loss, report["perplexity"], tokens)
-    metrics = {f"eval.{k}": {"value": float(report[k]), "step": 0} for k in ("eval_loss", "perplexity")}
+    metrics = {k: {"value": float(report[k]), "step": 0} for k in ("eval_loss", "perplexity")}
     return metrics, report, predictions

@@ -26,7 +26,7 @@ def train_model(
     )
     loss_history = {int(entry["step"]): entry["loss"] for entry in result.history}
     metrics = {
-        f"train.{key}": {"value": float(value), "step": 0}
+        key: {"value": float(value), "step": 0}
         for key, value in result.summary.items()
         if isinstance(value, (int, float))
     }

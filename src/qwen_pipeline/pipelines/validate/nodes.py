@@ -89,6 +89,6 @@ def validate_conversations(
     if not kept:
         raise ValueError(f"no valid records among {read}; see the rejected_records dataset")
     metrics = {
-        f"validate.{key}": {"value": float(report[key]), "step": 0} for key in ("read", "kept", "rejected")
+        key: {"value": float(report[key]), "step": 0} for key in ("read", "kept", "rejected")
     }
     return kept, rejected, report, metrics

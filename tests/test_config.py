@@ -1,0 +1,64 @@
+"""Parameters become typed configs; every problem is reported at once, naming its key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from kedro.config import OmegaConfigLoader
+
+from qwen_pipeline.config import (
+    ConfigError,
+    EvaluateConfig,
+    FormatConfig,
+    IngestConfig,
+    MergeConfig,
+    ModelConfig,
+    TrainConfig,
+    ValidateConfig,
+    parse_config,
+)
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+SECTIONS = {"model": ModelConfig, "ingest": IngestConfig, "validate": ValidateConfig, "format": FormatConfig,
+            "train": TrainConfig, "merge": MergeConfig, "evaluate": EvaluateConfig}
+
+
+def test_every_shipped_parameters_file_loads_into_its_config():
+    loader = OmegaConfigLoader(str(CONF), base_env="base", default_run_env="local",
+                               merge_strategy={"parameters": "soft"})
+    params = loader["parameters"]
+    assert set(params) == set(SECTIONS)
+    for section, cls in SECTIONS.items():
+        assert isinstance(parse_config(cls, params[section], section), cls)
+
+
+def test_all_problems_are_collected_and_named():
+    with pytest.raises(ConfigError) as info:
+        parse_config(TrainConfig, {"lerning_rate": 1e-4, "lora_rank": "8", "finetuning_type": "qlora"}, "train")
+    assert info.value.problems == [
+        "train.lerning_rate: unknown parameter (did you mean 'learning_rate'?)",
+        "train.finetuning_type: expected one of 'lora', got 'qlora'",
+        "train.lora_rank: expected int, got '8'",
+    ]
+
+
+def test_value_checks_run_after_types():
+    with pytest.raises(ConfigError) as info:
+        parse_config(FormatConfig, {"cutoff_len": 0, "train_on_prompt": True, "mask_history": True}, "format")
+    assert info.value.problems == [
+        "format.cutoff_len: must be positive, got 0",
+        "format.mask_history: cannot be combined with train_on_prompt",
+    ]
+
+
+def test_bool_is_not_an_int_and_int_is_a_float():
+    assert parse_config(TrainConfig, {"learning_rate": 1}, "train").learning_rate == 1
+    with pytest.raises(ConfigError, match="train.max_steps: expected int, got True"):
+        parse_config(TrainConfig, {"max_steps": True}, "train")
+
+
+def test_configs_are_frozen():
+    config = parse_config(ModelConfig, {}, "model")
+    with pytest.raises(AttributeError):
+        config.model_name_or_path = "x"

@@ -1,0 +1,124 @@
+"""End to end, as a user runs it: `kedro run --pipeline sft`, then `--pipeline merge`, on a copy of the project.
+
+Slow (about two minutes on 2 CPU cores): runs kedro in subprocesses on the demo data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def kedro(root: Path, *args: str, cache: Path) -> str:
+    env = {**os.environ, "QWEN_PIPELINE_CACHE": str(cache), "KEDRO_DISABLE_TELEMETRY": "true",
+           "DO_NOT_TRACK": "1", "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-m", "kedro", *args], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, model_cache):
+    root = tmp_path_factory.mktemp("project")
+    for name in ("pyproject.toml", ".telemetry", "conf", "src", "data/01_raw"):
+        src, dst = PROJECT_ROOT / name, root / name
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "local"))
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dst)
+    (root / "conf" / "local").mkdir()
+    logs = {"sft": kedro(root, "run", "--pipeline", "sft", cache=model_cache)}
+    logs["merge"] = kedro(root, "run", "--pipeline", "merge", cache=model_cache)
+    return root, logs
+
+
+def test_training_lowers_the_loss(project):
+    root, _ = project
+    summary = json.loads((root / "data/08_reporting/training_summary.json").read_text())
+    assert summary["global_steps"] == 41  # 324 training examples, batch 8, one epoch
+    assert summary["last_loss"] < summary["first_loss"] - 2.0, summary
+
+
+def test_adapter_loads_with_peft_and_merged_logits_match(project):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qwen_pipeline.models import EMBEDDED_MODEL, load_causal_lm
+
+    root, _ = project
+    adapter = PeftModel.from_pretrained(load_causal_lm(EMBEDDED_MODEL), root / "data/06_models/adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(root / "data/06_models/merged", dtype=torch.float32).eval()
+    ids = torch.tensor([[151644, 872, 198, 3838, 374, 220, 17, 5519, 220, 18, 30, 151645, 198, 151644, 77091, 198]])
+    with torch.no_grad():
+        base_plus_adapter, merged_logits = adapter(ids).logits, merged(ids).logits
+    assert float((base_plus_adapter - merged_logits).abs().max()) < 1e-4
+    # the adapter did change the model
+    with torch.no_grad(), adapter.disable_adapter():
+        assert float((adapter(ids).logits - merged_logits).abs().max()) > 1e-2
+    report = json.loads((root / "data/08_reporting/merge_report.json").read_text())
+    assert report["passed"] and report["max_abs_logit_diff"] < 1e-4
+    files = {p.name for p in (root / "data/06_models/merged").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= files
+    generation = json.loads((root / "data/06_models/merged/generation_config.json").read_text())
+    assert 151645 in generation["eos_token_id"]
+
+
+def test_mlflow_holds_parameters_loss_history_and_merged_model(project):
+    from mlflow.tracking import MlflowClient
+
+    root, _ = project
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("qwen_pipeline")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"sft", "merge"}
+    sft = runs["sft"]
+    assert sft.data.params["train.learning_rate"] == "0.005"
+    assert sft.data.params["format.cutoff_len"] == "512"
+    assert sft.data.params["model.model_name_or_path"] == "embedded:tiny-qwen2.5"
+    history = client.get_metric_history(sft.info.run_id, "train_loss")
+    assert len(history) == 41 and [m.step for m in history] == list(range(1, 42))
+    assert history[-1].value < history[0].value
+    assert sft.data.metrics["validate.rejected"] == 2.0
+    merged = {a.path for a in client.list_artifacts(runs["merge"].info.run_id, "merged_model")}
+    assert {"merged_model/model.safetensors", "merged_model/config.json", "merged_model/tokenizer.json"} <= merged
+
+
+def test_rejected_records_and_counts_are_logged(project):
+    root, logs = project
+    assert "Validated 362 records: 360 kept, 2 rejected" in logs["sft"]
+    rejected = json.loads((root / "data/08_reporting/rejected_records.json").read_text())
+    assert [(r["file"], r["index"], r["reason"]) for r in rejected] == [
+        ("alpaca_demo.json", 17, "missing column 'output'"),
+        ("sharegpt_demo.json", 9, "message 1: role 'user' where an answer (assistant/function) was expected"),
+    ]
+
+
+def test_viz_build_shows_the_lineage(project, model_cache):
+    root, _ = project
+    kedro(root, "viz", "build", cache=model_cache)
+    graph = json.loads((root / "build/api/main").read_text())
+    names = {n["id"]: n["name"] for n in graph["nodes"]}
+    edges = {(names[e["source"]], names[e["target"]]) for e in graph["edges"]}
+    chain = [
+        "raw_datasets", "ingest_datasets_node", "raw_conversations", "validate_conversations_node",
+        "conversations", "tokenize_conversations_node", "sft_dataset", "train_model_node", "trained_model",
+        "merge_adapter_node", "merged_model",
+    ]
+    assert all(step in edges for step in zip(chain, chain[1:])), set(zip(chain, chain[1:])) - edges
+    sft = json.loads((root / "build/api/pipelines/sft").read_text())
+    sft_tasks = {n["name"] for n in sft["nodes"] if n["type"] == "task" and "sft" in n["pipelines"]}
+    assert sft_tasks == {"ingest_datasets_node", "validate_conversations_node", "tokenize_conversations_node",
+                         "train_model_node"}
