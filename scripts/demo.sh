@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source scripts/env.sh
-kedro run --pipeline sft
-kedro run --pipeline merge
+kedro run --pipelines sft
+kedro run --pipelines merge

@@ -15,12 +15,36 @@ from pathlib import Path
 
 RAW = Path(__file__).resolve().parents[1] / "data" / "01_raw"
 WORDS = [
-    "river", "lantern", "pepper", "orbit", "maple", "copper", "violet", "harbor", "pixel", "meadow",
-    "falcon", "ginger", "quartz", "willow", "ember", "tundra", "cobalt", "saffron", "glacier", "thistle",
+    "river",
+    "lantern",
+    "pepper",
+    "orbit",
+    "maple",
+    "copper",
+    "violet",
+    "harbor",
+    "pixel",
+    "meadow",
+    "falcon",
+    "ginger",
+    "quartz",
+    "willow",
+    "ember",
+    "tundra",
+    "cobalt",
+    "saffron",
+    "glacier",
+    "thistle",
 ]
 FRUITS = ["apples", "pears", "plums", "lemons", "figs", "peaches", "apricots", "cherries"]
-UNITS = [("kilometers", "meters", 1000), ("meters", "centimeters", 100), ("hours", "minutes", 60),
-         ("minutes", "seconds", 60), ("kilograms", "grams", 1000), ("liters", "milliliters", 1000)]
+UNITS = [
+    ("kilometers", "meters", 1000),
+    ("meters", "centimeters", 100),
+    ("hours", "minutes", 60),
+    ("minutes", "seconds", 60),
+    ("kilograms", "grams", 1000),
+    ("liters", "milliliters", 1000),
+]
 SYSTEMS = [
     "You are a careful assistant who answers in one short sentence.",
     "You are a patient tutor. Keep answers brief and exact.",
@@ -36,27 +60,39 @@ def alpaca_records(rng: random.Random, n: int) -> list[dict]:
             rec = {"instruction": f"What is {a} plus {b}?", "input": "", "output": f"{a} plus {b} is {a + b}."}
         elif kind == 1:
             words = rng.sample(WORDS, 3)
-            rec = {"instruction": "Reverse the order of these words.", "input": " ".join(words),
-                   "output": " ".join(reversed(words))}
+            rec = {
+                "instruction": "Reverse the order of these words.",
+                "input": " ".join(words),
+                "output": " ".join(reversed(words)),
+            }
         elif kind == 2:
             big, small, factor = rng.choice(UNITS)
             x = rng.randint(2, 12)
-            rec = {"instruction": f"Convert {x} {big} to {small}.", "input": "",
-                   "output": f"{x} {big} is {x * factor} {small}."}
+            rec = {
+                "instruction": f"Convert {x} {big} to {small}.",
+                "input": "",
+                "output": f"{x} {big} is {x * factor} {small}.",
+            }
         elif kind == 3:
             word = rng.choice(WORDS)
             rec = {"instruction": "Write this word in capital letters.", "input": word, "output": word.upper()}
         elif kind == 4:
             word = rng.choice(WORDS)
-            rec = {"instruction": f"How many letters are in the word \"{word}\"?", "input": "",
-                   "output": f"The word \"{word}\" has {len(word)} letters."}
+            rec = {
+                "instruction": f'How many letters are in the word "{word}"?',
+                "input": "",
+                "output": f'The word "{word}" has {len(word)} letters.',
+            }
         else:
             a, b = rng.randint(10, 90), rng.randint(2, 9)
             first = {"instruction": f"What is {a} minus {b}?", "input": "", "output": f"{a} minus {b} is {a - b}."}
             c = rng.randint(2, 9)
-            rec = {"instruction": f"And what is that minus {c}?", "input": "",
-                   "output": f"{a - b} minus {c} is {a - b - c}.",
-                   "history": [[first["instruction"], first["output"]]]}
+            rec = {
+                "instruction": f"And what is that minus {c}?",
+                "input": "",
+                "output": f"{a - b} minus {c} is {a - b - c}.",
+                "history": [[first["instruction"], first["output"]]],
+            }
         if i % 5 == 0:
             rec["system"] = rng.choice(SYSTEMS)
         records.append(rec)
@@ -80,10 +116,15 @@ def sharegpt_records(rng: random.Random, n: int) -> list[dict]:
             turns.insert(0, {"from": "system", "value": "You are a shop assistant who counts fruit."})
         records.append({"conversations": turns})
     # Malformed on purpose: two human turns in a row.
-    records.insert(9, {"conversations": [
-        {"from": "human", "value": "How many figs fit in a basket?"},
-        {"from": "human", "value": "Please answer."},
-    ]})
+    records.insert(
+        9,
+        {
+            "conversations": [
+                {"from": "human", "value": "How many figs fit in a basket?"},
+                {"from": "human", "value": "Please answer."},
+            ]
+        },
+    )
     return records
 
 
@@ -100,15 +141,25 @@ def main() -> None:
         "alpaca_demo": {
             "file_name": "alpaca_demo.json",
             "formatting": "alpaca",
-            "columns": {"prompt": "instruction", "query": "input", "response": "output",
-                        "system": "system", "history": "history"},
+            "columns": {
+                "prompt": "instruction",
+                "query": "input",
+                "response": "output",
+                "system": "system",
+                "history": "history",
+            },
         },
         "sharegpt_demo": {
             "file_name": "sharegpt_demo.json",
             "formatting": "sharegpt",
             "columns": {"messages": "conversations"},
-            "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human",
-                     "assistant_tag": "gpt", "system_tag": "system"},
+            "tags": {
+                "role_tag": "from",
+                "content_tag": "value",
+                "user_tag": "human",
+                "assistant_tag": "gpt",
+                "system_tag": "system",
+            },
         },
     }
     (RAW / "dataset_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

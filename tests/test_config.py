@@ -18,15 +18,22 @@ from qwen_pipeline.config import (
     ValidateConfig,
     parse_config,
 )
+from qwen_pipeline.settings import CONFIG_LOADER_ARGS
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-SECTIONS = {"model": ModelConfig, "ingest": IngestConfig, "validate": ValidateConfig, "format": FormatConfig,
-            "train": TrainConfig, "merge": MergeConfig, "evaluate": EvaluateConfig}
+SECTIONS = {
+    "model": ModelConfig,
+    "ingest": IngestConfig,
+    "validate": ValidateConfig,
+    "format": FormatConfig,
+    "train": TrainConfig,
+    "merge": MergeConfig,
+    "evaluate": EvaluateConfig,
+}
 
 
 def test_every_shipped_parameters_file_loads_into_its_config():
-    loader = OmegaConfigLoader(str(CONF), base_env="base", default_run_env="local",
-                               merge_strategy={"parameters": "soft"})
+    loader = OmegaConfigLoader(str(CONF), **CONFIG_LOADER_ARGS)
     params = loader["parameters"]
     assert set(params) == set(SECTIONS)
     for section, cls in SECTIONS.items():
@@ -62,3 +69,21 @@ def test_configs_are_frozen():
     config = parse_config(ModelConfig, {}, "model")
     with pytest.raises(AttributeError):
         config.model_name_or_path = "x"
+
+
+def test_real_model_env_overrides_only_its_keys():
+    loader = OmegaConfigLoader(str(CONF), **{**CONFIG_LOADER_ARGS, "default_run_env": "qwen2.5-0.5b"})
+    params = loader["parameters"]
+    assert params["model"]["model_name_or_path"] == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert params["train"]["learning_rate"] == 1e-4
+    assert params["train"]["lora_rank"] == 8  # kept from base
+    assert params["model"]["trust_remote_code"] is False
+    parse_config(TrainConfig, params["train"], "train")
+
+
+def test_model_name_or_path_forms(embedded_dir):
+    from qwen_pipeline.models import EMBEDDED_MODEL, load_tokenizer, resolve_model_path
+
+    assert resolve_model_path(EMBEDDED_MODEL) == str(embedded_dir)
+    assert resolve_model_path("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"  # hub ids pass through
+    assert load_tokenizer(str(embedded_dir))("Hello")["input_ids"] == [9707]  # a local directory

@@ -21,10 +21,16 @@ pytestmark = pytest.mark.slow
 
 
 def kedro(root: Path, *args: str, cache: Path) -> str:
-    env = {**os.environ, "QWEN_PIPELINE_CACHE": str(cache), "KEDRO_DISABLE_TELEMETRY": "true",
-           "DO_NOT_TRACK": "1", "COLUMNS": "200"}
-    proc = subprocess.run([sys.executable, "-m", "kedro", *args], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=900)
+    env = {
+        **os.environ,
+        "QWEN_PIPELINE_CACHE": str(cache),
+        "KEDRO_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "1",
+        "COLUMNS": "200",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "kedro", *args], cwd=root, env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     return proc.stdout + proc.stderr
 
@@ -113,12 +119,24 @@ def test_viz_build_shows_the_lineage(project, model_cache):
     names = {n["id"]: n["name"] for n in graph["nodes"]}
     edges = {(names[e["source"]], names[e["target"]]) for e in graph["edges"]}
     chain = [
-        "raw_datasets", "ingest_datasets_node", "raw_conversations", "validate_conversations_node",
-        "conversations", "tokenize_conversations_node", "sft_dataset", "train_model_node", "trained_model",
-        "merge_adapter_node", "merged_model",
+        "raw_datasets",
+        "ingest_datasets_node",
+        "raw_conversations",
+        "validate_conversations_node",
+        "conversations",
+        "tokenize_conversations_node",
+        "sft_dataset",
+        "train_model_node",
+        "trained_model",
+        "merge_adapter_node",
+        "merged_model",
     ]
     assert all(step in edges for step in zip(chain, chain[1:])), set(zip(chain, chain[1:])) - edges
     sft = json.loads((root / "build/api/pipelines/sft").read_text())
     sft_tasks = {n["name"] for n in sft["nodes"] if n["type"] == "task" and "sft" in n["pipelines"]}
-    assert sft_tasks == {"ingest_datasets_node", "validate_conversations_node", "tokenize_conversations_node",
-                         "train_model_node"}
+    assert sft_tasks == {
+        "ingest_datasets_node",
+        "validate_conversations_node",
+        "tokenize_conversations_node",
+        "train_model_node",
+    }

@@ -35,26 +35,58 @@ def run(raw, share=1.0):
 CASES = [
     # (name, formatting, bad record, expected reason)
     ("missing output", "alpaca", {"instruction": "x", "input": ""}, "missing column 'output'"),
-    ("output not a string", "alpaca", {"instruction": "x", "output": ["a", "b"]},
-     "column 'output': expected a string, got list"),
-    ("instruction not a string", "alpaca", {"instruction": 3, "output": "y"},
-     "column 'instruction': expected a string, got int"),
+    (
+        "output not a string",
+        "alpaca",
+        {"instruction": "x", "output": ["a", "b"]},
+        "column 'output': expected a string, got list",
+    ),
+    (
+        "instruction not a string",
+        "alpaca",
+        {"instruction": 3, "output": "y"},
+        "column 'instruction': expected a string, got int",
+    ),
     ("empty prompt", "alpaca", {"instruction": "", "input": "", "output": "y"}, "message 0: empty user content"),
     ("not an object", "alpaca", ["instruction", "output"], "expected a JSON object, got list"),
-    ("history item not a pair", "alpaca", {"instruction": "x", "output": "y", "history": [["only one"]]},
-     "column 'history', item 0: not a [prompt, answer] pair of strings"),
-    ("roles out of order", "sharegpt",
-     {"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}]},
-     "message 0: role 'assistant' where a prompt (user/observation) was expected"),
-    ("odd number of turns", "sharegpt",
-     {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}, {"from": "human", "value": "c"}]},
-     "odd number of messages (3): the last prompt has no answer"),
-    ("unknown role", "sharegpt", {"conversations": [{"from": "robot", "value": "a"}, {"from": "gpt", "value": "b"}]},
-     "message 0: unknown role 'robot' in 'from'"),
+    (
+        "history item not a pair",
+        "alpaca",
+        {"instruction": "x", "output": "y", "history": [["only one"]]},
+        "column 'history', item 0: not a [prompt, answer] pair of strings",
+    ),
+    (
+        "roles out of order",
+        "sharegpt",
+        {"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}]},
+        "message 0: role 'assistant' where a prompt (user/observation) was expected",
+    ),
+    (
+        "odd number of turns",
+        "sharegpt",
+        {
+            "conversations": [
+                {"from": "human", "value": "a"},
+                {"from": "gpt", "value": "b"},
+                {"from": "human", "value": "c"},
+            ]
+        },
+        "odd number of messages (3): the last prompt has no answer",
+    ),
+    (
+        "unknown role",
+        "sharegpt",
+        {"conversations": [{"from": "robot", "value": "a"}, {"from": "gpt", "value": "b"}]},
+        "message 0: unknown role 'robot' in 'from'",
+    ),
     ("missing messages column", "sharegpt", {"dialog": []}, "missing column 'conversations'"),
     ("no messages", "sharegpt", {"conversations": []}, "no messages"),
-    ("content not a string", "sharegpt", {"conversations": [{"from": "human", "value": 1}, {"from": "gpt", "value": "b"}]},
-     "message 0: expected an object with a string 'value'"),
+    (
+        "content not a string",
+        "sharegpt",
+        {"conversations": [{"from": "human", "value": 1}, {"from": "gpt", "value": "b"}]},
+        "message 0: expected an object with a string 'value'",
+    ),
 ]
 
 
@@ -95,14 +127,26 @@ def test_sharegpt_leading_system_message_becomes_the_system_prompt(tmp_path):
 
 
 def test_alpaca_input_joins_instruction_and_history_becomes_turns(tmp_path):
-    record = {"instruction": "Translate.", "input": "bonjour", "output": "hello", "history": [["q1", "a1"]],
-              "system": "S"}
-    columns = {"prompt": "instruction", "query": "input", "response": "output", "history": "history",
-               "system": "system"}
+    record = {
+        "instruction": "Translate.",
+        "input": "bonjour",
+        "output": "hello",
+        "history": [["q1", "a1"]],
+        "system": "S",
+    }
+    columns = {
+        "prompt": "instruction",
+        "query": "input",
+        "response": "output",
+        "history": "history",
+        "system": "system",
+    }
     kept, _, _, _ = run(write_dataset(tmp_path, [record], columns=columns))
     assert kept[0]["messages"] == [
-        {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
-        {"role": "user", "content": "Translate.\nbonjour"}, {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "Translate.\nbonjour"},
+        {"role": "assistant", "content": "hello"},
     ]
     assert kept[0]["system"] == "S"
 

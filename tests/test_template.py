@@ -7,15 +7,48 @@ import pytest
 from qwen_pipeline.conversation import Conversation, Message, Source
 from qwen_pipeline.template import (
     IGNORE_INDEX as X,
+)
+from qwen_pipeline.template import (
     TemplateOptions,
     encode_conversations,
     infer_seqlen,
     tokenizer_batch_encoder,
 )
 
-DEFAULT_SYSTEM_IDS = [151644, 8948, 198, 2610, 525, 1207, 16948, 11, 3465, 553, 54364, 14817, 13, 1446, 525, 264,
-                      10950, 17847, 13, 151645, 198]
-USER_HI = [151644, 872, 198, 6023, 151645, 198, 151644, 77091, 198]  # <|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n
+DEFAULT_SYSTEM_IDS = [
+    151644,
+    8948,
+    198,
+    2610,
+    525,
+    1207,
+    16948,
+    11,
+    3465,
+    553,
+    54364,
+    14817,
+    13,
+    1446,
+    525,
+    264,
+    10950,
+    17847,
+    13,
+    151645,
+    198,
+]
+USER_HI = [
+    151644,
+    872,
+    198,
+    6023,
+    151645,
+    198,
+    151644,
+    77091,
+    198,
+]  # <|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n
 USER_HELLO = [151644, 872, 198, 9707, 151645, 198, 151644, 77091, 198]
 ANSWER_HELLO = [9707, 151645, 198]  # Hello<|im_end|>\n  (im_end and newline are learned)
 ANSWER_HI = [6023, 151645, 198]
@@ -113,7 +146,9 @@ def test_infer_seqlen_matches_llamafactory(source, target, cutoff, expected):
 
 def test_braces_in_content_are_kept(tokenizer):
     e = encode(tokenizer, conv('print({"a": 1})', "{content}"))
-    assert tokenizer.decode(e.input_ids).endswith('print({"a": 1})<|im_end|>\n<|im_start|>assistant\n{content}<|im_end|>\n')
+    assert tokenizer.decode(e.input_ids).endswith(
+        'print({"a": 1})<|im_end|>\n<|im_start|>assistant\n{content}<|im_end|>\n'
+    )
 
 
 def test_options_refuse_train_on_prompt_with_mask_history():

@@ -9,18 +9,39 @@ import pytest
 from qwen_pipeline.models import QWEN25_ADDED_TOKENS, build_qwen25_tokenizer
 
 OFFICIAL_IDS = {
-    "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|object_ref_start|>": 151646,
-    "<|object_ref_end|>": 151647, "<|box_start|>": 151648, "<|box_end|>": 151649, "<|quad_start|>": 151650,
-    "<|quad_end|>": 151651, "<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|vision_pad|>": 151654,
-    "<|image_pad|>": 151655, "<|video_pad|>": 151656, "<tool_call>": 151657, "</tool_call>": 151658,
-    "<|fim_prefix|>": 151659, "<|fim_middle|>": 151660, "<|fim_suffix|>": 151661, "<|fim_pad|>": 151662,
-    "<|repo_name|>": 151663, "<|file_sep|>": 151664,
+    "<|endoftext|>": 151643,
+    "<|im_start|>": 151644,
+    "<|im_end|>": 151645,
+    "<|object_ref_start|>": 151646,
+    "<|object_ref_end|>": 151647,
+    "<|box_start|>": 151648,
+    "<|box_end|>": 151649,
+    "<|quad_start|>": 151650,
+    "<|quad_end|>": 151651,
+    "<|vision_start|>": 151652,
+    "<|vision_end|>": 151653,
+    "<|vision_pad|>": 151654,
+    "<|image_pad|>": 151655,
+    "<|video_pad|>": 151656,
+    "<tool_call>": 151657,
+    "</tool_call>": 151658,
+    "<|fim_prefix|>": 151659,
+    "<|fim_middle|>": 151660,
+    "<|fim_suffix|>": 151661,
+    "<|fim_pad|>": 151662,
+    "<|repo_name|>": 151663,
+    "<|file_sep|>": 151664,
 }
 
 
 def test_known_encodings(tokenizer):
     assert tokenizer("<|im_start|>user\nhi<|im_end|>\n", add_special_tokens=False)["input_ids"] == [
-        151644, 872, 198, 6023, 151645, 198
+        151644,
+        872,
+        198,
+        6023,
+        151645,
+        198,
     ]
     assert tokenizer("Hello", add_special_tokens=False)["input_ids"] == [9707]
     # no BOS is added, and the encoding is the same with add_special_tokens on
@@ -39,7 +60,10 @@ def test_special_flags_match_qwen25(tokenizer):
     # 151643..151656 are special (skipped when decoding); <tool_call> and the fim tokens are not.
     ids = [tokenizer.convert_tokens_to_ids(t) for t, _ in QWEN25_ADDED_TOKENS]
     decoded = tokenizer.decode(ids, skip_special_tokens=True)
-    assert decoded == "<tool_call></tool_call><|fim_prefix|><|fim_middle|><|fim_suffix|><|fim_pad|><|repo_name|><|file_sep|>"
+    assert (
+        decoded
+        == "<tool_call></tool_call><|fim_prefix|><|fim_middle|><|fim_suffix|><|fim_pad|><|repo_name|><|file_sep|>"
+    )
 
 
 def test_chat_template_renders_qwen25_instruct(tokenizer):
@@ -56,13 +80,44 @@ def test_chat_template_renders_qwen25_instruct(tokenizer):
 
 
 PIECES = [
-    "Hello world", "  leading spaces", "trailing   ", "\n\n\nnewlines\r\n", "\t\ttabs", "x" * 50,
-    "你好，世界！", "机器学习是人工智能的一个分支。", "日本語のテキスト", "한국어 문장", "Ελληνικά", "русский текст",
-    "def f(x):\n    return x ** 2  # square\n", "for (int i = 0; i < n; ++i) { s += a[i]; }", "SELECT * FROM t;",
-    "😀🎉👍🏽", "👨‍👩‍👧‍👦 family", "🇫🇷 flag", "12345678901234567890", "3.14159", "$1,000.00", "e^{i\\pi}+1=0",
-    "I'm", "they'll", "we'VE", "DON'T", "naïve café", "Cafe\u0301 (combining accent)", "ﬁ ligature", "\u00a0nbsp",
-    "<html><body>x</body></html>", "https://example.org/a?b=c&d=e", "a\u200bb zero width", "     ", "\u3000全角空格",
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "Hello world",
+    "  leading spaces",
+    "trailing   ",
+    "\n\n\nnewlines\r\n",
+    "\t\ttabs",
+    "x" * 50,
+    "你好，世界！",
+    "机器学习是人工智能的一个分支。",
+    "日本語のテキスト",
+    "한국어 문장",
+    "Ελληνικά",
+    "русский текст",
+    "def f(x):\n    return x ** 2  # square\n",
+    "for (int i = 0; i < n; ++i) { s += a[i]; }",
+    "SELECT * FROM t;",
+    "😀🎉👍🏽",
+    "👨‍👩‍👧‍👦 family",
+    "🇫🇷 flag",
+    "12345678901234567890",
+    "3.14159",
+    "$1,000.00",
+    "e^{i\\pi}+1=0",
+    "I'm",
+    "they'll",
+    "we'VE",
+    "DON'T",
+    "naïve café",
+    "Cafe\u0301 (combining accent)",
+    "ﬁ ligature",
+    "\u00a0nbsp",
+    "<html><body>x</body></html>",
+    "https://example.org/a?b=c&d=e",
+    "a\u200bb zero width",
+    "     ",
+    "\u3000全角空格",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
 ]
 
 

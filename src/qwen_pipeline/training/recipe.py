@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from datasets import DatasetDict
 
 from ..config import ModelConfig, TrainConfig
@@ -77,6 +78,7 @@ def run_sft(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig
         report_to="none",  # the train node hands the history to kedro-mlflow
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning only helps a GPU
     )
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
     trainer = Trainer(
@@ -108,7 +110,12 @@ def run_sft(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig
     }
     if "validation" in dataset:
         summary["eval_loss"] = float(trainer.evaluate()["eval_loss"])
-    logger.info("Trained %d steps in %.1f s: loss %.4f -> %.4f", summary["global_steps"], seconds,
-                summary["first_loss"], summary["last_loss"])
+    logger.info(
+        "Trained %d steps in %.1f s: loss %.4f -> %.4f",
+        summary["global_steps"],
+        seconds,
+        summary["first_loss"],
+        summary["last_loss"],
+    )
     # Return (the train node hands the model to the catalog, which saves it)
     return TrainResult(model=model, tokenizer=tokenizer, history=history, summary=summary)

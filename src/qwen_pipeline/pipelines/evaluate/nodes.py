@@ -33,8 +33,9 @@ def eval_loss(model, examples, batch_size: int) -> tuple[float, int]:
         labels = _pad(batch["labels"], IGNORE_INDEX)
         logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
         target = labels[:, 1:]
-        total += float(F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX,
-                                       reduction="sum"))
+        total += float(
+            F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        )
         count += int((target != IGNORE_INDEX).sum())
     return total / max(count, 1), count
 
@@ -54,9 +55,10 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) ->
     pad = tokenizer.pad_token_id
     input_ids = _pad(prompts, pad, left=True)
     attention = _pad([[1] * len(p) for p in prompts], 0, left=True)
-    out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=pad)
-    return [row[input_ids.shape[1]:].tolist() for row in out]
+    out = model.generate(
+        input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
+    )
+    return [row[input_ids.shape[1] :].tolist() for row in out]
 
 
 def evaluate_model(
@@ -76,13 +78,20 @@ def evaluate_model(
         chunk = pairs[start : start + config.batch_size]
         outputs = generate(model, tokenizer, [p for p, _ in chunk], config.max_new_tokens)
         for (prompt, answer), output in zip(chunk, outputs):
-            predictions.append({
-                "prompt": tokenizer.decode(prompt, skip_special_tokens=False),
-                "predict": tokenizer.decode(output, skip_special_tokens=True),
-                "label": tokenizer.decode(answer, skip_special_tokens=True),
-            })
-    report = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tokens,
-              "examples": len(validation), "generated": len(predictions)}
+            predictions.append(
+                {
+                    "prompt": tokenizer.decode(prompt, skip_special_tokens=False),
+                    "predict": tokenizer.decode(output, skip_special_tokens=True),
+                    "label": tokenizer.decode(answer, skip_special_tokens=True),
+                }
+            )
+    report = {
+        "eval_loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "eval_tokens": tokens,
+        "examples": len(validation),
+        "generated": len(predictions),
+    }
     logger.info("Eval loss %.4f (perplexity %.2f) over %d tokens", loss, report["perplexity"], tokens)
     metrics = {k: {"value": float(report[k]), "step": 0} for k in ("eval_loss", "perplexity")}
     return metrics, report, predictions

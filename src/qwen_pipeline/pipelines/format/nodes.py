@@ -42,8 +42,13 @@ def tokenize_conversations(
     logger.info(
         "Tokenized %d conversations: %d tokens, %d label tokens, %d truncated at cutoff_len=%d; "
         "train %d / validation %d",
-        report["examples"], report["tokens"], report["label_tokens"], report["truncated"],
-        config.cutoff_len, report["splits"]["train"], report["splits"].get("validation", 0),
+        report["examples"],
+        report["tokens"],
+        report["label_tokens"],
+        report["truncated"],
+        config.cutoff_len,
+        report["splits"]["train"],
+        report["splits"].get("validation", 0),
     )
     return splits, report
 

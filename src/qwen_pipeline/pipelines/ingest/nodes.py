@@ -60,8 +60,15 @@ def ingest_datasets(raw: RawDatasets, params: dict[str, Any]) -> list[dict[str, 
 
 
 def _base(dataset: str, file: str, row: RawRecord) -> dict[str, Any]:
-    return {"dataset": dataset, "file": file, "index": row.index, "system": None, "tools": None,
-            "messages": [], "error": row.error}
+    return {
+        "dataset": dataset,
+        "file": file,
+        "index": row.index,
+        "system": None,
+        "tools": None,
+        "messages": [],
+        "error": row.error,
+    }
 
 
 def _field(record: Any, column: str | None) -> Any:
@@ -137,6 +144,8 @@ def _convert_sharegpt(row: RawRecord, columns: dict[str, str], tags: dict[str, s
             extra["system"] = turn[content_tag]  # a leading system message is the system prompt
             continue
         if tag not in roles:
-            return {"error": f"message {n}: unknown role {tag!r} in {role_tag!r} (expected {', '.join(map(repr, roles))})"}
+            return {
+                "error": f"message {n}: unknown role {tag!r} in {role_tag!r} (expected {', '.join(map(repr, roles))})"
+            }
         messages.append({"role": roles[tag], "content": turn[content_tag]})
     return {"messages": messages, **extra}

@@ -70,9 +70,7 @@ def validate_conversations(
         "read": read,
         "kept": len(kept),
         "rejected": len(rejected),
-        "by_dataset": {
-            name: {k: c[k] for k in ("read", "kept", "rejected")} for name, c in per_dataset.items()
-        },
+        "by_dataset": {name: {k: c[k] for k in ("read", "kept", "rejected")} for name, c in per_dataset.items()},
         "by_reason": dict(reasons.most_common()),
     }
     logger.info("Validated %d records: %d kept, %d rejected", read, len(kept), len(rejected))
@@ -88,7 +86,5 @@ def validate_conversations(
         )
     if not kept:
         raise ValueError(f"no valid records among {read}; see the rejected_records dataset")
-    metrics = {
-        key: {"value": float(report[key]), "step": 0} for key in ("read", "kept", "rejected")
-    }
+    metrics = {key: {"value": float(report[key]), "step": 0} for key in ("read", "kept", "rejected")}
     return kept, rejected, report, metrics
