@@ -8,6 +8,7 @@ them as JSON.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -70,6 +71,10 @@ class Conversation:
                 found.append(f"message {i}: role {message.role!r} where {side} was expected")
             if not message.content.strip() and message.role in PROMPT_ROLES:
                 found.append(f"message {i}: empty {message.role} content")
+            if message.role == "function":
+                found += [f"message {i}: {p}" for p in _function_call_problems(message.content)]
+        if self.tools:
+            found += [f"tools: {p}" for p in _tools_problems(self.tools)]
         return found
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,3 +95,29 @@ class Conversation:
             system=data.get("system"),
             tools=data.get("tools"),
         )
+
+
+def _json(text: str) -> tuple[Any, str | None]:
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as exc:
+        return None, f"invalid JSON ({exc.msg} at character {exc.pos})"
+
+
+def _function_call_problems(content: str) -> list[str]:
+    calls, error = _json(content)
+    if error:
+        return [f"function call: {error}"]
+    calls = calls if isinstance(calls, list) else [calls]
+    if not calls or not all(isinstance(c, dict) and "name" in c and "arguments" in c for c in calls):
+        return ['function call: expected {"name": ..., "arguments": ...} or a list of them']
+    return []
+
+
+def _tools_problems(tools: str) -> list[str]:
+    specs, error = _json(tools)
+    if error:
+        return [error]
+    if not isinstance(specs, list) or not all(isinstance(t, dict) for t in specs):
+        return ["expected a JSON list of tool objects"]
+    return []

@@ -15,6 +15,7 @@ Facts carried from LLaMA-Factory 0.9.5 (template ``qwen``, stage ``sft``):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import json
 from dataclasses import dataclass
 
 from .conversation import Conversation
@@ -29,7 +30,35 @@ PROMPT_PIECES = {
         "<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
     ),
 }
-ANSWER_PIECES = {"assistant": "{content}<|im_end|>\n"}
+ANSWER_PIECES = {"assistant": "{content}<|im_end|>\n", "function": "{content}<|im_end|>\n"}
+# Appended to the system prompt when a conversation offers tools (Qwen2.5's tool prompt).
+TOOLS_PROMPT = (
+    "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>{tools}\n</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}'
+    "\n</tool_call>"
+)
+
+
+def tools_text(tools: str) -> str:
+    """The tool prompt for a JSON list of tool specs ('' for none); plain specs are wrapped as functions."""
+    specs = json.loads(tools)
+    if not specs:
+        return ""
+    lines = "".join(
+        "\n" + json.dumps(t if t.get("type") == "function" else {"type": "function", "function": t}, ensure_ascii=False)
+        for t in specs
+    )
+    return TOOLS_PROMPT.replace("{tools}", lines)
+
+
+def function_call_text(content: str) -> str:
+    """A function turn's JSON ({"name", "arguments"} or a list of them) as <tool_call> blocks."""
+    calls = json.loads(content)
+    calls = calls if isinstance(calls, list) else [calls]
+    blocks = [json.dumps({"name": c["name"], "arguments": c["arguments"]}, ensure_ascii=False) for c in calls]
+    return "\n".join(f"<tool_call>\n{b}\n</tool_call>" for b in blocks)
 
 
 @dataclass(frozen=True)
@@ -76,8 +105,11 @@ def turn_pieces(conversation: Conversation, default_system: str = DEFAULT_SYSTEM
             )
         source = [_fill(PROMPT_PIECES[prompt.role], prompt.content)]
         if i == 0:
-            source.insert(0, _fill(SYSTEM_PIECE, system))
-        turns.append((source, _fill(ANSWER_PIECES[answer.role], answer.content)))
+            source.insert(
+                0, _fill(SYSTEM_PIECE, system + (tools_text(conversation.tools) if conversation.tools else ""))
+            )
+        content = function_call_text(answer.content) if answer.role == "function" else answer.content
+        turns.append((source, _fill(ANSWER_PIECES[answer.role], content)))
     return turns
 
 

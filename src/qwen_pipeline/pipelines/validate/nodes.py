@@ -25,10 +25,7 @@ def _problems(record: dict[str, Any]) -> list[str]:
         conversation = Conversation.from_dict(record)
     except (ValueError, TypeError, KeyError) as exc:
         return [str(exc)]
-    found = conversation.problems()
-    if conversation.tools or any(m.role == "function" for m in conversation.messages):
-        found.append("tools and function calls are not supported yet")
-    return found
+    return conversation.problems()
 
 
 def _reason_kind(reason: str) -> str:
