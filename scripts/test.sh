@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source scripts/env.sh
-ruff check src tests scripts
+ruff check src tests scripts benchmarks
 python -m pytest "$@"

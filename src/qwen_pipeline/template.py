@@ -14,8 +14,8 @@ Facts carried from LLaMA-Factory 0.9.5 (template ``qwen``, stage ``sft``):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .conversation import Conversation
