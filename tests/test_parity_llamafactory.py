@@ -15,7 +15,7 @@ from qwen_pipeline.conversation import Conversation
 from qwen_pipeline.datasets import DatasetInfoDataset
 from qwen_pipeline.pipelines.ingest.nodes import ingest_datasets
 from qwen_pipeline.pipelines.validate.nodes import validate_conversations
-from qwen_pipeline.template import TemplateOptions, encode_conversations, tokenizer_batch_encoder
+from qwen_pipeline.template import DEFAULT_SYSTEM, TemplateOptions, encode_conversations, flat_ids, tokenize_turns
 
 PARITY = Path(__file__).parent / "data" / "parity"
 GOLDEN = json.loads((PARITY / "golden.json").read_text())
@@ -37,9 +37,58 @@ def test_golden_file_is_from_llamafactory_095():
 def test_ids_and_labels_equal_llamafactory(setting, conversations, tokenizer):
     expected = GOLDEN["settings"][setting]
     options = TemplateOptions(**expected["args"])
-    ours = encode_conversations(conversations, tokenizer_batch_encoder(tokenizer), options)
+    ours = encode_conversations(conversations, tokenizer, options)
     assert len(ours) == len(expected["examples"])
     for i, (mine, theirs) in enumerate(zip(ours, expected["examples"])):
         where = f"{conversations[i].source.describe()} ({setting})"
         assert mine.input_ids == theirs["input_ids"], where
         assert mine.labels == theirs["labels"], where
+
+
+def hf_messages(conversation: Conversation) -> tuple[list[dict], list[dict] | None]:
+    """The same conversation in the shape apply_chat_template takes."""
+    messages = [{"role": "system", "content": conversation.system or DEFAULT_SYSTEM}]
+    for m in conversation.messages:
+        if m.role == "function":
+            calls = json.loads(m.content)
+            calls = calls if isinstance(calls, list) else [calls]
+            messages.append({"role": "assistant", "content": "", "tool_calls": [{"function": c} for c in calls]})
+        else:
+            messages.append({"role": {"observation": "tool"}.get(m.role, m.role), "content": m.content})
+    tools = None
+    if conversation.tools and json.loads(conversation.tools):
+        tools = [
+            t if t.get("type") == "function" else {"type": "function", "function": t}
+            for t in json.loads(conversation.tools)
+        ]
+    return messages, tools
+
+
+def test_whole_text_mode_equals_apply_chat_template(conversations, tokenizer):
+    ours = encode_conversations(
+        conversations, tokenizer, TemplateOptions(cutoff_len=100_000, tokenization="whole_text")
+    )
+    for conversation, encoded in zip(conversations, ours):
+        messages, tools = hf_messages(conversation)
+        expected = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True)["input_ids"]
+        assert encoded.input_ids == expected, conversation.source.describe()
+
+
+def test_whole_text_labels_mask_the_prompt(conversations, tokenizer):
+    first = encode_conversations(conversations[:1], tokenizer, TemplateOptions(tokenization="whole_text"))[0]
+    assert first.input_ids == GOLDEN["settings"]["default"]["examples"][0]["input_ids"]
+    assert first.labels == GOLDEN["settings"]["default"]["examples"][0]["labels"]
+
+
+def test_the_two_tokenizations_differ_where_an_answer_starts_with_whitespace(conversations, tokenizer):
+    turns = tokenize_turns(conversations, tokenizer, "turns")
+    whole = tokenize_turns(conversations, tokenizer, "whole_text")
+    differ = [c.source.describe() for c, a, b in zip(conversations, turns, whole) if flat_ids(a) != flat_ids(b)]
+    assert differ == [
+        "alpaca_parity.json record 6 (dataset 'alpaca_parity')",  # answer "\nHere it is..."
+        "sharegpt_parity.json record 7 (dataset 'sharegpt_parity')",  # answers "\n\nThere." and "  there"
+    ]
+    # (an answer of "    four spaces" tokenizes the same both ways: the newline stays a token of its own)
+    # record 6: as whole text, "\n" after "assistant" merges with the answer's "\n" into one token
+    whole_6 = flat_ids(whole[6])
+    assert whole_6[-12:] == tokenizer("assistant\n\nHere it is, after a newline.<|im_end|>\n")["input_ids"][-12:]

@@ -12,7 +12,6 @@ from qwen_pipeline.template import (
     TemplateOptions,
     encode_conversations,
     infer_seqlen,
-    tokenizer_batch_encoder,
 )
 
 DEFAULT_SYSTEM_IDS = [
@@ -60,7 +59,7 @@ def conv(*contents: str, system: str | None = None) -> Conversation:
 
 
 def encode(tokenizer, conversation, **options):
-    return encode_conversations([conversation], tokenizer_batch_encoder(tokenizer), TemplateOptions(**options))[0]
+    return encode_conversations([conversation], tokenizer, TemplateOptions(**options))[0]
 
 
 def test_single_turn_ids_and_mask(tokenizer):

@@ -128,6 +128,11 @@ class FormatConfig:
     mask_history: bool = False  # learn only the last answer of multi-turn conversations
     val_size: float | int = 0.0  # validation split: a fraction (<1) or a record count
     seed: int = 42  # for the train/validation split
+    overlength: Literal["truncate", "drop"] = "truncate"  # over cutoff_len: cut (LLaMA-Factory) or drop
+    tokenization: Literal["turns", "whole_text"] = "turns"  # turns = LLaMA-Factory; whole_text = apply_chat_template
+    compare_tokenizations: bool = True  # count conversations the two tokenizations disagree on
+    overwrite_cache: bool = False  # tokenize again even when the cached dataset matches
+    cache_dir: str = "data/03_primary/format_cache"  # tokenized datasets by fingerprint
 
     def problems(self) -> list[str]:
         found = []

@@ -15,8 +15,9 @@ Facts carried from LLaMA-Factory 0.9.5 (template ``qwen``, stage ``sft``):
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from .conversation import Conversation
 
@@ -61,12 +62,18 @@ def function_call_text(content: str) -> str:
     return "\n".join(f"<tool_call>\n{b}\n</tool_call>" for b in blocks)
 
 
+Tokenization = Literal["turns", "whole_text"]
+TurnIds = tuple[list[int], list[int]]  # one turn's (source ids, target ids)
+
+
 @dataclass(frozen=True)
 class TemplateOptions:
     cutoff_len: int = 2048
     train_on_prompt: bool = False
     mask_history: bool = False
     default_system: str = DEFAULT_SYSTEM
+    # "turns": each piece alone, as LLaMA-Factory; "whole_text": as apply_chat_template / inference.
+    tokenization: Tokenization = "turns"
 
     def __post_init__(self) -> None:
         if self.cutoff_len < 1:
@@ -153,20 +160,11 @@ def assemble(turns: Sequence[tuple[list[int], list[int]]], options: TemplateOpti
     return Encoded(input_ids=input_ids, labels=labels, full_length=full_length)
 
 
-def encode_conversations(
-    conversations: Sequence[Conversation],
-    encode_batch: Callable[[list[str]], list[list[int]]],
-    options: TemplateOptions,
-) -> list[Encoded]:
-    """Encode many conversations with one batched tokenizer call over all their pieces."""
-    all_turns = [turn_pieces(c, options.default_system) for c in conversations]
-    pieces: list[str] = []
-    for turns in all_turns:
-        for source, target in turns:
-            pieces.extend(source)
-            pieces.append(target)
-    ids = iter(encode_batch(pieces))
-    encoded = []
+def _tokenize_pieces(all_turns: list[list[tuple[list[str], str]]], tokenizer) -> list[list[TurnIds]]:
+    """LLaMA-Factory's way: every piece tokenized on its own (one batched call for all pieces)."""
+    pieces = [p for turns in all_turns for source, target in turns for p in (*source, target)]
+    ids = iter(tokenizer(pieces, add_special_tokens=False)["input_ids"] if pieces else [])
+    out = []
     for turns in all_turns:
         tokenized = []
         for source, _ in turns:
@@ -174,16 +172,52 @@ def encode_conversations(
             for _piece in source:
                 source_ids += next(ids)
             tokenized.append((source_ids, list(next(ids))))
-        encoded.append(assemble(tokenized, options))
-    return encoded
+        out.append(tokenized)
+    return out
 
 
-def tokenizer_batch_encoder(tokenizer) -> Callable[[list[str]], list[list[int]]]:
-    """Batch encoder from a HF tokenizer: no special tokens added (the template has them)."""
+def _tokenize_whole(all_turns: list[list[tuple[list[str], str]]], tokenizer) -> list[list[TurnIds]]:
+    """Inference servers' way: the whole rendered text tokenized at once (as ``apply_chat_template``).
 
-    def encode_batch(texts: list[str]) -> list[list[int]]:
-        if not texts:
-            return []
-        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    Each token is given to the source or target part in which its first character lies, so a
+    token merging the newline after ``assistant`` with an answer's leading newline is prompt.
+    """
+    texts, bounds = [], []
+    for turns in all_turns:
+        text, ends = "", []
+        for source, target in turns:
+            text += "".join(source)
+            ends.append(len(text))
+            text += target
+            ends.append(len(text))
+        texts.append(text)
+        bounds.append(ends)
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else None
+    out = []
+    for n, ends in enumerate(bounds):
+        parts: list[list[int]] = [[] for _ in ends]
+        part = 0
+        for token, (start, _end) in zip(encoded["input_ids"][n], encoded["offset_mapping"][n]):
+            while part < len(ends) - 1 and start >= ends[part]:
+                part += 1
+            parts[part].append(token)
+        out.append([(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)])
+    return out
 
-    return encode_batch
+
+def tokenize_turns(
+    conversations: Sequence[Conversation], tokenizer, mode: Tokenization, default_system: str = DEFAULT_SYSTEM
+) -> list[list[TurnIds]]:
+    """Token ids of each turn's (source, target) for every conversation, in one batched call."""
+    all_turns = [turn_pieces(c, default_system) for c in conversations]
+    return _tokenize_pieces(all_turns, tokenizer) if mode == "turns" else _tokenize_whole(all_turns, tokenizer)
+
+
+def encode_conversations(conversations: Sequence[Conversation], tokenizer, options: TemplateOptions) -> list[Encoded]:
+    """Encode many conversations: tokenize (per ``options.tokenization``), then cut and mask."""
+    tokenized = tokenize_turns(conversations, tokenizer, options.tokenization, options.default_system)
+    return [assemble(turns, options) for turns in tokenized]
+
+
+def flat_ids(turns: list[TurnIds]) -> list[int]:
+    return [i for source, target in turns for i in (*source, *target)]

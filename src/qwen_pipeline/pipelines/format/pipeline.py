@@ -9,7 +9,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 func=tokenize_conversations,
                 inputs=["conversations", "params:model", "params:format"],
-                outputs=["sft_dataset", "format_report"],
+                outputs=["sft_dataset", "format_report", "overlength_records"],
                 name="tokenize_conversations_node",
             )
         ]

@@ -1,0 +1,82 @@
+"""The format node: over-length policy, report counts, caching by fingerprint."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from qwen_pipeline.datasets import DatasetInfoDataset
+from qwen_pipeline.models import EMBEDDED_MODEL
+from qwen_pipeline.pipelines.format.nodes import tokenize_conversations
+from qwen_pipeline.pipelines.ingest.nodes import ingest_datasets
+from qwen_pipeline.pipelines.validate.nodes import validate_conversations
+
+PARITY = Path(__file__).parent / "data" / "parity"
+MODEL = {"model_name_or_path": EMBEDDED_MODEL}
+
+
+@pytest.fixture(scope="module")
+def conversations():
+    raw = DatasetInfoDataset(filepath=str(PARITY / "dataset_info.json")).load()
+    kept, _, _, _ = validate_conversations(ingest_datasets(raw, {"dataset": ["alpaca_parity", "sharegpt_parity"]}), {})
+    return kept
+
+
+def run(conversations, tmp_path, **params):
+    return tokenize_conversations(conversations, MODEL, {"cache_dir": str(tmp_path / "cache"), **params})
+
+
+def test_drop_sends_overlong_conversations_to_overlength_records(conversations, tmp_path):
+    splits, report, dropped = run(conversations, tmp_path, cutoff_len=128, overlength="drop")
+    assert [(d["file"], d["index"]) for d in dropped] == [
+        ("alpaca_parity.json", 12),
+        ("alpaca_parity.json", 15),
+        ("sharegpt_parity.json", 3),
+        ("sharegpt_parity.json", 4),
+        ("sharegpt_parity.json", 6),
+        ("sharegpt_parity.json", 8),
+    ]
+    assert dropped[0]["reason"] == "1382 tokens > format.cutoff_len=128"
+    assert report["conversations"] == 28 == report["examples"] + report["dropped"]
+    assert (report["dropped"], report["truncated"]) == (6, 0)
+    assert max(len(x) for x in splits["train"]["input_ids"]) <= 128
+
+
+def test_truncate_keeps_everything_and_counts_cuts(conversations, tmp_path):
+    splits, report, dropped = run(conversations, tmp_path, cutoff_len=128)
+    assert dropped == [] and report["examples"] == 28 and report["truncated"] == 6
+    assert report["tokens"] == sum(len(x) for x in splits["train"]["input_ids"])
+    assert report["tokenization_mismatches"] == 2
+
+
+def test_validation_split_by_fraction_and_count(conversations, tmp_path):
+    splits, report, _ = run(conversations, tmp_path, val_size=0.25)
+    assert report["splits"] == {"train": 21, "validation": 7}
+    splits, report, _ = run(conversations, tmp_path, val_size=5)
+    assert report["splits"] == {"train": 23, "validation": 5}
+
+
+def test_rerun_with_same_inputs_reuses_the_cache(conversations, tmp_path, caplog, monkeypatch):
+    first, report, _ = run(conversations, tmp_path)
+    assert report["cache"] == "miss"
+    import qwen_pipeline.pipelines.format.nodes as nodes
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(nodes, "_tokenize", no_tokenizing)
+    with caplog.at_level(logging.INFO):
+        again, report_again, _ = run(conversations, tmp_path)
+    assert report_again["cache"] == "hit" and "Reusing the tokenized dataset" in caplog.text
+    assert again["train"]["input_ids"] == first["train"]["input_ids"]
+    assert again["train"]["labels"] == first["train"]["labels"]
+    # a changed parameter, changed data, or overwrite_cache tokenizes again
+    for params, data in [
+        ({"cutoff_len": 64}, conversations),
+        ({}, conversations[:-1]),
+        ({"overwrite_cache": True}, conversations),
+    ]:
+        with pytest.raises(AssertionError, match="tokenized again"):
+            run(data, tmp_path, **params)
