@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen_pipeline.conversation import Conversation
+from qwen_pipeline.conversation import Conversation, Message, Source
 from qwen_pipeline.datasets import DatasetInfoDataset
 from qwen_pipeline.pipelines.ingest.nodes import ingest_datasets
 from qwen_pipeline.pipelines.validate.nodes import validate_conversations
@@ -92,3 +92,48 @@ def test_the_two_tokenizations_differ_where_an_answer_starts_with_whitespace(con
     # record 6: as whole text, "\n" after "assistant" merges with the answer's "\n" into one token
     whole_6 = flat_ids(whole[6])
     assert whole_6[-12:] == tokenizer("assistant\n\nHere it is, after a newline.<|im_end|>\n")["input_ids"][-12:]
+
+
+STARTS = [
+    "Hello",
+    "'s fine",
+    "5 apples",
+    "(a)",
+    "-dash",
+    "“quoted”",
+    "中文",
+    "😀",
+    "\u0301combining",
+    "\u200bzw",
+    "#",
+    "<tool_call>",
+    "",
+    " space",
+    "  two",
+    "\nnewline",
+    "\ttab",
+    "\r\nCRLF",
+    "\u00a0nbsp",
+    "\u3000ideographic",
+]
+
+
+def test_only_answers_starting_with_whitespace_can_tokenize_differently(tokenizer):
+    from qwen_pipeline.template import may_tokenize_differently
+
+    conversations = []
+    for n, start in enumerate(STARTS):
+        for prompt in ["plain", "ends with newline\n", "ends with space ", "。"]:
+            messages = (Message("user", prompt), Message("assistant", start + " and more"))
+            conversations.append(Conversation(messages, Source("d", "f", n)))
+    turns = tokenize_turns(conversations, tokenizer, "turns")
+    whole = tokenize_turns(conversations, tokenizer, "whole_text")
+    for conversation, a, b in zip(conversations, turns, whole):
+        if not may_tokenize_differently(conversation):
+            assert flat_ids(a) == flat_ids(b), repr(conversation.messages[1].content)
+    differing = {
+        c.messages[1].content.split(" and")[0]
+        for c, a, b in zip(conversations, turns, whole)
+        if flat_ids(a) != flat_ids(b)
+    }
+    assert differing == {"\nnewline"}, differing  # of these starts, only a newline merges here

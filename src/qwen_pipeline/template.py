@@ -160,10 +160,25 @@ def assemble(turns: Sequence[tuple[list[int], list[int]]], options: TemplateOpti
     return Encoded(input_ids=input_ids, labels=labels, full_length=full_length)
 
 
+def batch_encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of many texts in one call of the Rust tokenizer (parallel), no special tokens added.
+
+    Identical texts are tokenized once (the system piece repeats in nearly every conversation).
+    """
+    unique = list(dict.fromkeys(texts))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch_fast"):  # skips offsets: ~1.4x faster
+        ids = [e.ids for e in backend.encode_batch_fast(unique, add_special_tokens=False)]
+    else:
+        ids = tokenizer(unique, add_special_tokens=False)["input_ids"] if unique else []
+    by_text = dict(zip(unique, ids))
+    return [by_text[t] for t in texts]
+
+
 def _tokenize_pieces(all_turns: list[list[tuple[list[str], str]]], tokenizer) -> list[list[TurnIds]]:
     """LLaMA-Factory's way: every piece tokenized on its own (one batched call for all pieces)."""
     pieces = [p for turns in all_turns for source, target in turns for p in (*source, target)]
-    ids = iter(tokenizer(pieces, add_special_tokens=False)["input_ids"] if pieces else [])
+    ids = iter(batch_encode(tokenizer, pieces))
     out = []
     for turns in all_turns:
         tokenized = []
@@ -217,6 +232,16 @@ def encode_conversations(conversations: Sequence[Conversation], tokenizer, optio
     """Encode many conversations: tokenize (per ``options.tokenization``), then cut and mask."""
     tokenized = tokenize_turns(conversations, tokenizer, options.tokenization, options.default_system)
     return [assemble(turns, options) for turns in tokenized]
+
+
+def may_tokenize_differently(conversation: Conversation) -> bool:
+    """Whether turn-by-turn and whole-text tokenization can disagree on this conversation.
+
+    Pieces meet either at a special or added token (``<|im_start|>``, ``<tool_call>``: the
+    tokenizer splits there anyway) or where an answer follows ``assistant\\n``. Only an answer
+    that starts with whitespace can merge with that newline under Qwen2's split pattern.
+    """
+    return any(m.role == "assistant" and m.content[:1].isspace() for m in conversation.messages)
 
 
 def flat_ids(turns: list[TurnIds]) -> list[int]:

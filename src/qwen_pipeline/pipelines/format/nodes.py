@@ -14,12 +14,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 from datasets import Dataset, DatasetDict, load_from_disk
+from datasets.table import InMemoryTable
 
 from ...config import FormatConfig, ModelConfig, parse_config
 from ...conversation import Conversation
 from ...models import load_tokenizer
-from ...template import IGNORE_INDEX, TemplateOptions, assemble, flat_ids, tokenize_turns
+from ...template import IGNORE_INDEX, TemplateOptions, assemble, flat_ids, may_tokenize_differently, tokenize_turns
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +54,11 @@ def tokenize_conversations(
     return splits, {**report, "cache": "miss"}, dropped
 
 
+# Conversations tokenized per chunk: big enough for the tokenizer's parallel batch, small enough
+# that the Python lists of one chunk are all that is held before it becomes Arrow.
+CHUNK = 4096
+
+
 def _tokenize(conversations, config: FormatConfig, tokenizer):
     options = TemplateOptions(
         cutoff_len=config.cutoff_len,
@@ -58,51 +66,67 @@ def _tokenize(conversations, config: FormatConfig, tokenizer):
         mask_history=config.mask_history,
         tokenization=config.tokenization,
     )
-    parsed = [Conversation.from_dict(c) for c in conversations]
-    turns = tokenize_turns(parsed, tokenizer, config.tokenization)
-    encoded = [assemble(t, options) for t in turns]
-    mismatched = []
-    if config.compare_tokenizations:
-        other = "whole_text" if config.tokenization == "turns" else "turns"
-        alternative = tokenize_turns(parsed, tokenizer, other)
-        mismatched = [c.source for c, a, b in zip(parsed, turns, alternative) if flat_ids(a) != flat_ids(b)]
-    kept, dropped = [], []
-    for conversation, e in zip(parsed, encoded):
-        if e.truncated and config.overlength == "drop":
-            dropped.append(
-                {
-                    "dataset": conversation.source.dataset,
-                    "file": conversation.source.file,
-                    "index": conversation.source.index,
-                    "reason": f"{e.full_length} tokens > format.cutoff_len={config.cutoff_len}",
-                    "tokens": e.full_length,
-                }
-            )
-        else:
+    tables, dropped, mismatched = [], [], []
+    stats = {"examples": 0, "truncated": 0, "tokens": 0, "label_tokens": 0, "tokens_cut": 0, "max_length": 0}
+    for start in range(0, len(conversations), CHUNK):
+        parsed = [Conversation.from_dict(c) for c in conversations[start : start + CHUNK]]
+        turns = tokenize_turns(parsed, tokenizer, config.tokenization)
+        kept = []
+        for conversation, e in zip(parsed, (assemble(t, options) for t in turns)):
+            if e.truncated and config.overlength == "drop":
+                source = conversation.source
+                reason = f"{e.full_length} tokens > format.cutoff_len={config.cutoff_len}"
+                dropped.append(
+                    {
+                        "dataset": source.dataset,
+                        "file": source.file,
+                        "index": source.index,
+                        "reason": reason,
+                        "tokens": e.full_length,
+                    }
+                )
+                continue
             kept.append(e)
-    assert len(kept) + len(dropped) == len(parsed)  # nothing vanishes
-    dataset = Dataset.from_dict(
-        {
-            "input_ids": [e.input_ids for e in kept],
-            "attention_mask": [[1] * len(e.input_ids) for e in kept],
-            "labels": [e.labels for e in kept],
-        }
-    )
+            stats["truncated"] += e.truncated
+            stats["tokens"] += len(e.input_ids)
+            stats["label_tokens"] += sum(1 for x in e.labels if x != IGNORE_INDEX)
+            stats["tokens_cut"] += e.full_length - len(e.input_ids)
+            stats["max_length"] = max(stats["max_length"], len(e.input_ids))
+        stats["examples"] += len(kept)
+        if config.compare_tokenizations:  # only conversations where the two can differ need a second pass
+            other = "whole_text" if config.tokenization == "turns" else "turns"
+            candidates = [n for n, c in enumerate(parsed) if may_tokenize_differently(c)]
+            alternative = tokenize_turns([parsed[n] for n in candidates], tokenizer, other)
+            mismatched += [
+                parsed[n].source for n, b in zip(candidates, alternative) if flat_ids(turns[n]) != flat_ids(b)
+            ]
+        tables.append(_to_arrow(kept))
+    assert stats["examples"] + len(dropped) == len(conversations)  # nothing vanishes
+    dataset = Dataset(InMemoryTable(pa.concat_tables(tables) if tables else _to_arrow([])))
     splits = _split(dataset, config)
-    report = _report(encoded, kept, dropped, splits, config)
-    report["tokenization_mismatches"] = len(mismatched)
-    report["tokenization_mismatch_examples"] = [s.describe() for s in mismatched[:10]]
+    report = {
+        "conversations": len(conversations),
+        **stats,
+        "dropped": len(dropped),
+        "mean_length": round(stats["tokens"] / stats["examples"], 2) if stats["examples"] else 0.0,
+        "cutoff_len": config.cutoff_len,
+        "overlength": config.overlength,
+        "tokenization": config.tokenization,
+        "splits": {name: len(split) for name, split in splits.items()},
+        "tokenization_mismatches": len(mismatched) if config.compare_tokenizations else None,
+        "tokenization_mismatch_examples": [s.describe() for s in mismatched[:10]],
+    }
     logger.info(
         "Tokenized %d conversations (%s): %d kept, %d dropped, %d truncated at cutoff_len=%d; "
         "%d tokens, %d label tokens; train %d / validation %d",
-        len(parsed),
+        len(conversations),
         config.tokenization,
-        len(kept),
+        stats["examples"],
         len(dropped),
-        report["truncated"],
+        stats["truncated"],
         config.cutoff_len,
-        report["tokens"],
-        report["label_tokens"],
+        stats["tokens"],
+        stats["label_tokens"],
         report["splits"]["train"],
         report["splits"].get("validation", 0),
     )
@@ -111,10 +135,28 @@ def _tokenize(conversations, config: FormatConfig, tokenizer):
             "%d of %d conversations tokenize differently turn by turn (LLaMA-Factory) and as whole text "
             "(apply_chat_template, inference servers)%s",
             len(mismatched),
-            len(parsed),
+            len(conversations),
             f", e.g. {mismatched[0].describe()}" if mismatched else "",
         )
     return splits, report, dropped
+
+
+def _to_arrow(encoded) -> pa.Table:
+    """Columns built straight as Arrow list arrays (several times faster than Dataset.from_dict)."""
+    lengths = np.fromiter((len(e.input_ids) for e in encoded), dtype=np.int64, count=len(encoded))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]), type=pa.int32())
+
+    def column(values, dtype):
+        flat = np.fromiter((x for e in encoded for x in values(e)), dtype=dtype, count=int(lengths.sum()))
+        return pa.ListArray.from_arrays(offsets, pa.array(flat))
+
+    return pa.table(
+        {
+            "input_ids": column(lambda e: e.input_ids, np.int32),
+            "attention_mask": pa.ListArray.from_arrays(offsets, pa.array(np.ones(int(lengths.sum()), dtype=np.int8))),
+            "labels": column(lambda e: e.labels, np.int32),
+        }
+    )
 
 
 def fingerprint(conversations: list[dict[str, Any]], config: FormatConfig, tokenizer) -> str:
@@ -148,22 +190,3 @@ def _split(dataset: Dataset, config: FormatConfig) -> DatasetDict:
     # datasets' own seeded split, as LLaMA-Factory does it.
     parts = dataset.train_test_split(test_size=size, seed=config.seed)
     return DatasetDict({"train": parts["train"], "validation": parts["test"]})
-
-
-def _report(encoded, kept, dropped, splits: DatasetDict, config: FormatConfig) -> dict[str, Any]:
-    lengths = [len(e.input_ids) for e in kept]
-    return {
-        "conversations": len(encoded),
-        "examples": len(kept),
-        "dropped": len(dropped),
-        "truncated": sum(e.truncated for e in kept),
-        "tokens": sum(lengths),
-        "label_tokens": sum(sum(1 for x in e.labels if x != IGNORE_INDEX) for e in kept),
-        "tokens_cut": sum(e.full_length - len(e.input_ids) for e in kept),
-        "max_length": max(lengths, default=0),
-        "mean_length": round(sum(lengths) / len(lengths), 2) if lengths else 0.0,
-        "cutoff_len": config.cutoff_len,
-        "overlength": config.overlength,
-        "tokenization": config.tokenization,
-        "splits": {name: len(split) for name, split in splits.items()},
-    }

@@ -1,0 +1,222 @@
+"""Format throughput: our ingest+validate+format vs LLaMA-Factory 0.9.5's SFT preprocessing.
+
+Both tokenize the same generated records (half alpaca, half sharegpt) with the same tokenizer (the
+embedded Qwen2.5 one), in one process each, in this run; the outputs are checked to be identical.
+Prints records/s and tokens/s for both, the ratio, peak RSS of both, and the raw ceiling: one
+batched tokenizer call over the same rendered texts.
+
+    .venv/bin/python benchmarks/format_throughput.py --llamafactory-python /tmp/lfvenv/bin/python
+    (set up the LLaMA-Factory venv as in benchmarks/llamafactory_reference/README.md; add
+    PYTHONPATH=/tmp/lfstub for its torchaudio stand-in; without --llamafactory-python only ours runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WORDS = (
+    "the model learns from each example and the loss goes down while the tokenizer splits words into pieces "
+    "data pipeline training merge evaluate recipe batch gradient token label mask answer question system user"
+).split()
+SYLLABLES = "ka to ri men sa lo vi der pha gu stro nel ex qui bra zo tion ment ing pre con".split()
+ZH = "我们今天训练一个模型数据很重要每个例子都有问题和答案中文分词语言学习"
+CODE = ["def f(x):\n    return x + 1\n", "for i in range(10):\n    print(i)\n", '{"key": [1, 2, 3]}']
+
+
+def _word(rng: random.Random) -> str:
+    # Half real words, half made-up ones: real text keeps the BPE cache from answering everything.
+    if rng.random() < 0.5:
+        return rng.choice(WORDS)
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3)))
+
+
+def _text(rng: random.Random, n: int) -> str:
+    if rng.random() < 0.15:
+        text = "".join(rng.choice(ZH) for _ in range(n))
+    else:
+        text = " ".join(_word(rng) for _ in range(n))
+    if rng.random() < 0.1:
+        text += "\n" + rng.choice(CODE)
+    if rng.random() < 0.03:
+        text = rng.choice(["\n", "  "]) + text
+    return text
+
+
+def make_records(n: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    rng = random.Random(seed)
+    alpaca, sharegpt = [], []
+    for i in range(n):
+        if i % 2 == 0:
+            rec = {
+                "instruction": _text(rng, rng.randint(5, 40)),
+                "input": _text(rng, rng.randint(0, 30)),
+                "output": _text(rng, rng.randint(10, 80)),
+            }
+            if rng.random() < 0.2:
+                rec["system"] = _text(rng, 8)
+            if rng.random() < 0.2:
+                rec["history"] = [[_text(rng, 10), _text(rng, 20)]]
+            alpaca.append(rec)
+        else:
+            turns = []
+            for _ in range(rng.randint(1, 3)):
+                turns += [
+                    {"from": "human", "value": _text(rng, rng.randint(5, 30))},
+                    {"from": "gpt", "value": _text(rng, rng.randint(10, 50))},
+                ]
+            if rng.random() < 0.2:
+                turns.insert(0, {"from": "system", "value": _text(rng, 8)})
+            sharegpt.append({"conversations": turns})
+    return alpaca, sharegpt
+
+
+def write_data(folder: Path, n: int) -> list[str]:
+    alpaca, sharegpt = make_records(n)
+    (folder / "alpaca_bench.json").write_text(json.dumps(alpaca, ensure_ascii=False))
+    (folder / "sharegpt_bench.json").write_text(json.dumps(sharegpt, ensure_ascii=False))
+    info = {
+        "alpaca_bench": {
+            "file_name": "alpaca_bench.json",
+            "columns": {
+                "prompt": "instruction",
+                "query": "input",
+                "response": "output",
+                "system": "system",
+                "history": "history",
+            },
+        },
+        "sharegpt_bench": {"file_name": "sharegpt_bench.json", "formatting": "sharegpt"},
+    }
+    (folder / "dataset_info.json").write_text(json.dumps(info))
+    return list(info)
+
+
+def run_ours(dataset_dir: str, datasets: list[str], cutoff_len: int, out: str, compare: bool) -> dict:
+    """One pass of our stages on the files, tokenizer already loaded (as on the LLaMA-Factory side)."""
+    from qwen_pipeline.config import FormatConfig
+    from qwen_pipeline.conversation import Conversation
+    from qwen_pipeline.datasets import DatasetInfoDataset
+    from qwen_pipeline.models import EMBEDDED_MODEL, load_tokenizer
+    from qwen_pipeline.pipelines.format.nodes import _tokenize
+    from qwen_pipeline.pipelines.ingest.nodes import ingest_datasets
+    from qwen_pipeline.pipelines.validate.nodes import validate_conversations
+    from qwen_pipeline.template import turn_pieces
+
+    tokenizer = load_tokenizer(EMBEDDED_MODEL)
+    config = FormatConfig(cutoff_len=cutoff_len, compare_tokenizations=compare)
+    started = time.perf_counter()
+    raw = DatasetInfoDataset(filepath=str(Path(dataset_dir) / "dataset_info.json")).load()
+    kept, _, _, _ = validate_conversations(ingest_datasets(raw, {"dataset": datasets}), {})
+    splits, report, _ = _tokenize(kept, config, tokenizer)
+    seconds = time.perf_counter() - started
+    train = splits["train"]
+    with open(out, "w") as f:
+        for ids, labels in zip(train["input_ids"], train["labels"]):
+            f.write(json.dumps([ids, labels]) + "\n")
+    # The ceiling: one batched call of the Rust tokenizer over the same rendered texts.
+    texts = ["".join(p for s, t in turn_pieces(Conversation.from_dict(c)) for p in (*s, t)) for c in kept]
+    ceiling_started = time.perf_counter()
+    tokenizer(texts, add_special_tokens=False)
+    ceiling = time.perf_counter() - ceiling_started
+    return {"seconds": seconds, "records": len(train), "tokens": report["tokens"], "ceiling_seconds": ceiling}
+
+
+def child(cmd: list[str], env: dict | None = None) -> tuple[dict, float]:
+    """Run one side in its own process; return its JSON line and its peak RSS in MiB."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    out, err = proc.stdout.read(), proc.stderr.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{cmd[0]} failed:\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1]), usage.ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=int, default=20_000)
+    parser.add_argument("--cutoff-len", type=int, default=1024)
+    parser.add_argument("--llamafactory-python", help="python of a venv with llamafactory==0.9.5")
+    parser.add_argument("--side", choices=["ours"], help=argparse.SUPPRESS)
+    parser.add_argument("--dataset-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--no-compare", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    datasets = ["alpaca_bench", "sharegpt_bench"]
+    if args.side == "ours":  # child process
+        print(json.dumps(run_ours(args.dataset_dir, datasets, args.cutoff_len, args.out, not args.no_compare)))
+        return
+
+    from qwen_pipeline.models import ensure_embedded_model
+
+    tokenizer_dir = str(ensure_embedded_model())
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        write_data(folder, args.records)
+        me = [sys.executable, __file__, "--side", "ours", "--dataset-dir", tmp, "--cutoff-len", str(args.cutoff_len)]
+        ours, ours_rss = child([*me, "--out", f"{tmp}/ours.jsonl"])
+        ours_only, _ = child([*me, "--out", f"{tmp}/ours2.jsonl", "--no-compare"])
+        rows = [
+            ("ours (format stage, default: also counts tokenization mismatches)", ours, ours_rss),
+            ("ours, compare_tokenizations=false", ours_only, None),
+        ]
+        lf = None
+        if args.llamafactory_python:
+            script = Path(__file__).parent / "llamafactory_reference" / "lf_preprocess.py"
+            lf, lf_rss = child(
+                [
+                    args.llamafactory_python,
+                    str(script),
+                    "--tokenizer",
+                    tokenizer_dir,
+                    "--dataset-dir",
+                    tmp,
+                    "--datasets",
+                    ",".join(datasets),
+                    "--cutoff-len",
+                    str(args.cutoff_len),
+                    "--out",
+                    f"{tmp}/lf.jsonl",
+                ],
+                env={**os.environ, "PYTHONPATH": os.environ.get("LLAMAFACTORY_PYTHONPATH", "/tmp/lfstub")},
+            )
+            rows.append(("LLaMA-Factory 0.9.5 preprocessing", lf, lf_rss))
+            identical = Path(f"{tmp}/ours.jsonl").read_text() == Path(f"{tmp}/lf.jsonl").read_text()
+        tokens = ours["tokens"]
+        print(
+            f"{args.records} records ({tokens} tokens, {tokens / ours['records']:.0f} per record), "
+            f"cutoff_len {args.cutoff_len}, one process each"
+        )
+        for name, result, rss in rows:
+            rate = result["records"] / result["seconds"]
+            memory = f", peak RSS {rss:.0f} MiB" if rss else ""
+            print(
+                f"  {name}: {rate:,.0f} records/s, {tokens / result['seconds']:,.0f} tokens/s "
+                f"({result['seconds']:.2f} s){memory}"
+            )
+        ceiling = ours["records"] / ours["ceiling_seconds"]
+        print(
+            f"  ceiling (one batched tokenizer call over the rendered texts): {ceiling:,.0f} records/s; "
+            f"ours is {ours['records'] / ours['seconds'] / ceiling:.0%} of it "
+            f"({ours_only['records'] / ours_only['seconds'] / ceiling:.0%} without the comparison)"
+        )
+        if lf:
+            print(f"  outputs identical to LLaMA-Factory's: {identical}")
+            print(
+                f"  ratio ours / LLaMA-Factory: {lf['seconds'] / ours['seconds']:.1f}x records/s "
+                f"({lf['seconds'] / ours_only['seconds']:.1f}x without the comparison); "
+                f"peak RSS {ours_rss / lf_rss:.2f}x"
+            )
+            if not identical:
+                raise SystemExit("outputs differ")
+
+
+if __name__ == "__main__":
+    main()
