@@ -114,7 +114,7 @@ def run_ours(dataset_dir: str, datasets: list[str], cutoff_len: int, out: str, c
     config = FormatConfig(cutoff_len=cutoff_len, compare_tokenizations=compare)
     started = time.perf_counter()
     raw = DatasetInfoDataset(filepath=str(Path(dataset_dir) / "dataset_info.json")).load()
-    kept, _, _, _ = validate_conversations(ingest_datasets(raw, {"dataset": datasets}), {})
+    kept, _, _, _ = validate_conversations(ingest_datasets(raw, {"dataset": datasets})[0], {})
     splits, report, _ = _tokenize(kept, config, tokenizer)
     seconds = time.perf_counter() - started
     train = splits["train"]

@@ -20,7 +20,9 @@ MODEL = {"model_name_or_path": EMBEDDED_MODEL}
 @pytest.fixture(scope="module")
 def conversations():
     raw = DatasetInfoDataset(filepath=str(PARITY / "dataset_info.json")).load()
-    kept, _, _, _ = validate_conversations(ingest_datasets(raw, {"dataset": ["alpaca_parity", "sharegpt_parity"]}), {})
+    kept, _, _, _ = validate_conversations(
+        ingest_datasets(raw, {"dataset": ["alpaca_parity", "sharegpt_parity"]})[0], {}
+    )
     return kept
 
 

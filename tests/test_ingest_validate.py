@@ -28,7 +28,7 @@ def write_dataset(tmp_path, records, formatting="alpaca", suffix=".json", **entr
 
 
 def run(raw, share=1.0):
-    records = ingest_datasets(raw, {"dataset": ["demo"]})
+    records, _ = ingest_datasets(raw, {"dataset": ["demo"]})
     return validate_conversations(records, {"max_rejected_share": share})
 
 
@@ -181,7 +181,7 @@ def test_demo_data_keeps_all_but_the_two_planted_errors():
     from pathlib import Path
 
     raw = DatasetInfoDataset(filepath=str(Path(__file__).parents[1] / "data/01_raw/dataset_info.json")).load()
-    records = ingest_datasets(raw, {"dataset": ["alpaca_demo", "sharegpt_demo"]})
+    records, _ = ingest_datasets(raw, {"dataset": ["alpaca_demo", "sharegpt_demo"]})
     kept, rejected, report, metrics = validate_conversations(records, {})
     assert (report["read"], report["kept"], report["rejected"]) == (362, 360, 2)
     assert [(r["file"], r["index"]) for r in rejected] == [("alpaca_demo.json", 17), ("sharegpt_demo.json", 9)]

@@ -24,7 +24,7 @@ GOLDEN = json.loads((PARITY / "golden.json").read_text())
 @pytest.fixture(scope="module")
 def conversations():
     raw = DatasetInfoDataset(filepath=str(PARITY / "dataset_info.json")).load()
-    kept, rejected, _, _ = validate_conversations(ingest_datasets(raw, {"dataset": GOLDEN["datasets"]}), {})
+    kept, rejected, _, _ = validate_conversations(ingest_datasets(raw, {"dataset": GOLDEN["datasets"]})[0], {})
     assert not rejected
     return [Conversation.from_dict(c) for c in kept]
 

@@ -95,7 +95,10 @@ class IngestConfig:
     """``params:ingest``: which datasets of dataset_info.json to read."""
 
     dataset: list[str] = dataclasses.field(default_factory=list)  # names in dataset_info.json
-    max_samples: int | None = None  # keep at most this many records per dataset
+    max_samples: int | None = None  # keep the first N records of each dataset
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = "concat"  # how datasets combine
+    interleave_probs: list[float] | None = None  # sampling weights for interleave_* (default: equal)
+    seed: int = 42  # for num_samples and interleaving
 
     def problems(self) -> list[str]:
         found = []
@@ -103,6 +106,13 @@ class IngestConfig:
             found.append("dataset: name at least one dataset of dataset_info.json")
         if self.max_samples is not None and self.max_samples < 1:
             found.append(f"max_samples: must be positive, got {self.max_samples}")
+        if self.interleave_probs is not None:
+            if not self.mix_strategy.startswith("interleave"):
+                found.append("interleave_probs: only used with mix_strategy interleave_under / interleave_over")
+            if len(self.interleave_probs) != len(self.dataset):
+                found.append(f"interleave_probs: {len(self.interleave_probs)} weights for {len(self.dataset)} datasets")
+            elif abs(sum(self.interleave_probs) - 1.0) > 1e-6 or min(self.interleave_probs) < 0:
+                found.append(f"interleave_probs: must be non-negative and sum to 1, got {self.interleave_probs}")
         return found
 
 

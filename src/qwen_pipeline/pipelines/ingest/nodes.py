@@ -1,14 +1,19 @@
 """Ingest: read the datasets named in ``params:ingest.dataset`` into one conversation shape.
 
-Conversion follows LLaMA-Factory's ``dataset_info.json`` schema (alpaca and sharegpt,
-``columns`` and ``tags`` with its defaults). Nothing is judged or dropped here: a record
-that cannot be converted keeps an ``error`` saying why, and validate rejects it.
+Conversion follows LLaMA-Factory's ``dataset_info.json`` schema (alpaca, sharegpt and openai,
+``columns`` and ``tags`` with its defaults, ``num_samples``, ``max_samples``, ``mix_strategy``).
+Nothing is judged or dropped here: a record that cannot be converted keeps an ``error`` saying
+why, and validate rejects it. What mixing leaves out or repeats is counted in the ingest report.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from collections import Counter
 from typing import Any
+
+import numpy as np
 
 from ...config import IngestConfig, parse_config
 from ...datasets import RawDatasets, RawRecord
@@ -17,10 +22,7 @@ logger = logging.getLogger(__name__)
 
 # LLaMA-Factory's defaults. When an entry gives "columns" (or "tags"), keys it leaves out
 # become None rather than these defaults, as in LLaMA-Factory.
-DEFAULT_COLUMNS = {
-    "alpaca": {"prompt": "instruction", "query": "input", "response": "output"},
-    "sharegpt": {"messages": "conversations"},
-}
+DEFAULT_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "messages": "conversations"}
 DEFAULT_TAGS = {
     "role_tag": "from",
     "content_tag": "value",
@@ -30,10 +32,12 @@ DEFAULT_TAGS = {
     "function_tag": "function_call",
     "system_tag": "system",
 }
+COLUMN_KEYS = ("prompt", "query", "response", "history", "messages", "system", "tools")
+FORMATTINGS = ("alpaca", "sharegpt", "openai")
 
 
-def ingest_datasets(raw: RawDatasets, params: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every record of every selected dataset, converted to a conversation dict (or an error)."""
+def ingest_datasets(raw: RawDatasets, params: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every selected record, converted to a conversation dict (or an error), and an ingest report."""
     config = parse_config(IngestConfig, params, "ingest")
     unknown = [name for name in config.dataset if name not in raw.info]
     if unknown:
@@ -41,28 +45,98 @@ def ingest_datasets(raw: RawDatasets, params: dict[str, Any]) -> list[dict[str, 
             f"{raw.info_path}: no dataset named {', '.join(map(repr, unknown))}; "
             f"it defines {', '.join(map(repr, raw.info))}"
         )
-    records: list[dict[str, Any]] = []
+    per_dataset, report = [], {"datasets": {}, "mix_strategy": config.mix_strategy}
     for name in config.dataset:
         info = raw.info[name]
-        file, rows = raw.read(name)
+        where = f"{raw.info_path}, dataset {name!r}"
+        formatting = info.get("formatting", "alpaca")
+        if formatting not in FORMATTINGS:
+            raise ValueError(f"{where}: formatting {formatting!r} is not one of {', '.join(FORMATTINGS)}")
+        columns = {k: info["columns"].get(k) for k in COLUMN_KEYS} if "columns" in info else DEFAULT_COLUMNS
+        tags = {k: info["tags"].get(k) for k in DEFAULT_TAGS} if "tags" in info else DEFAULT_TAGS
+        needed = ("response",) if formatting == "alpaca" else ("messages",)
+        missing = [k for k in needed if not columns.get(k)]
+        if missing:
+            raise ValueError(f"{where}: 'columns' maps no {', '.join(map(repr, missing))} column")
+        rows = raw.read(name)
+        read = len(rows)
+        rows = _sample(rows, info.get("num_samples"), config.seed, where)
         if config.max_samples is not None:
             rows = rows[: config.max_samples]
-        formatting = info.get("formatting", "alpaca")
-        if formatting not in DEFAULT_COLUMNS:
-            raise ValueError(f"{raw.info_path}, dataset {name!r}: formatting {formatting!r} is not supported yet")
-        columns = info["columns"] if "columns" in info else DEFAULT_COLUMNS[formatting]
-        tags = {k: info["tags"].get(k) for k in DEFAULT_TAGS} if "tags" in info else DEFAULT_TAGS
-        convert = _convert_alpaca if formatting == "alpaca" else _convert_sharegpt
-        converted = [_base(name, file, row) | convert(row, columns, tags) for row in rows]
-        logger.info("Ingested %d %s records from %s (dataset %r)", len(converted), formatting, file, name)
-        records += converted
-    return records
+        convert = {"alpaca": _convert_alpaca, "sharegpt": _convert_sharegpt, "openai": _convert_openai}[formatting]
+        converted = [_base(name, row) | convert(row, columns, tags) for row in rows]
+        _warn_ignored_fields(where, rows, columns, formatting)
+        report["datasets"][name] = {"read": read, "selected": len(converted), "formatting": formatting}
+        logger.info("Read %d %s records of dataset %r, %d selected", read, formatting, name, len(converted))
+        per_dataset.append(converted)
+    records = _mix(per_dataset, config)
+    report["records"] = len(records)
+    for name, count in Counter(r["dataset"] for r in records).items():
+        report["datasets"][name]["in_mix"] = count
+    if config.mix_strategy != "concat":
+        logger.info(
+            "Mixed with %s: %s",
+            config.mix_strategy,
+            ", ".join(f"{n} {d['in_mix']} of {d['selected']}" for n, d in report["datasets"].items()),
+        )
+    return records, report
 
 
-def _base(dataset: str, file: str, row: RawRecord) -> dict[str, Any]:
+def _sample(rows: list[RawRecord], num_samples: int | None, seed: int, where: str) -> list[RawRecord]:
+    """LLaMA-Factory's num_samples: every record once in random order, then random repeats if more."""
+    if num_samples is None:
+        return rows
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"{where}: num_samples must be a positive integer, got {num_samples!r}")
+    rng = np.random.default_rng(seed)
+    indexes = rng.permutation(len(rows))[:num_samples]
+    if num_samples > len(rows):
+        indexes = np.concatenate([indexes, rng.choice(len(rows), num_samples - len(rows))])
+    return [rows[i] for i in indexes]
+
+
+def _mix(per_dataset: list[list[dict[str, Any]]], config: IngestConfig) -> list[dict[str, Any]]:
+    """Concatenate, or interleave exactly as ``datasets.interleave_datasets`` (what LLaMA-Factory calls)."""
+    if config.mix_strategy == "concat" or len(per_dataset) == 1:
+        return [r for records in per_dataset for r in records]
+    from datasets import Dataset, interleave_datasets
+
+    # Interleave (source, index) pairs with the library, then pick the records.
+    pairs = [
+        Dataset.from_dict({"s": [s] * len(records), "i": list(range(len(records)))})
+        for s, records in enumerate(per_dataset)
+    ]
+    stopping = "first_exhausted" if config.mix_strategy == "interleave_under" else "all_exhausted"
+    mixed = interleave_datasets(
+        pairs, probabilities=config.interleave_probs, seed=config.seed, stopping_strategy=stopping
+    )
+    return [per_dataset[s][i] for s, i in zip(mixed["s"], mixed["i"])]
+
+
+def _warn_ignored_fields(where: str, rows: list[RawRecord], columns: dict, formatting: str) -> None:
+    """Warn where LLaMA-Factory would silently ignore data: fields present but not mapped."""
+    candidates = ("system", "tools", "history") if formatting == "alpaca" else ("system", "tools")
+    for key in candidates:
+        if columns.get(key):
+            continue
+        present = sum(1 for r in rows if isinstance(r.data, dict) and r.data.get(key) not in (None, "", []))
+        if present:
+            logger.warning(
+                "%s: %d records have a %r field, but dataset_info.json maps no %r column, so it is ignored "
+                '(LLaMA-Factory ignores it too). Add "%s": "%s" to "columns" to use it.',
+                where,
+                present,
+                key,
+                key,
+                key,
+                key,
+            )
+
+
+def _base(dataset: str, row: RawRecord) -> dict[str, Any]:
     return {
         "dataset": dataset,
-        "file": file,
+        "file": row.file,
         "index": row.index,
         "system": None,
         "tools": None,
@@ -75,12 +149,18 @@ def _field(record: Any, column: str | None) -> Any:
     return record.get(column) if column else None
 
 
-def _convert_alpaca(row: RawRecord, columns: dict[str, str], tags: dict[str, str]) -> dict[str, Any]:
-    record = row.data
+def _check_object(row: RawRecord) -> dict[str, Any] | None:
     if row.error:
         return {}
-    if not isinstance(record, dict):
-        return {"error": f"expected a JSON object, got {type(record).__name__}"}
+    if not isinstance(row.data, dict):
+        return {"error": f"expected a JSON object, got {type(row.data).__name__}"}
+    return None
+
+
+def _convert_alpaca(row: RawRecord, columns: dict, tags: dict) -> dict[str, Any]:
+    if (bad := _check_object(row)) is not None:
+        return bad
+    record = row.data
     messages: list[dict[str, str]] = []
     history = _field(record, columns.get("history"))
     if history is not None:
@@ -98,54 +178,109 @@ def _convert_alpaca(row: RawRecord, columns: dict[str, str], tags: dict[str, str
             return {"error": f"column {column!r}: expected a string, got {type(value).__name__}"}
         if value:
             parts.append(value)
-    response_column = columns.get("response")
-    response = _field(record, response_column)
-    if response_column and response_column not in record:
+    response_column = columns["response"]
+    if response_column not in record:
         return {"error": f"missing column {response_column!r}"}
+    response = record[response_column]
     if not isinstance(response, str):
         return {"error": f"column {response_column!r}: expected a string, got {type(response).__name__}"}
     messages += [{"role": "user", "content": "\n".join(parts)}, {"role": "assistant", "content": response}]
     return {"messages": messages, **_system_and_tools(record, columns)}
 
 
-def _system_and_tools(record: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
+def _system_and_tools(record: dict[str, Any], columns: dict) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in ("system", "tools"):
         value = _field(record, columns.get(key))
+        if key == "tools" and isinstance(value, (list, dict)):  # tools given as JSON, not a string
+            value = json.dumps(value, ensure_ascii=False)
         if value is not None and not isinstance(value, str):
             return {"error": f"column {columns[key]!r}: expected a string, got {type(value).__name__}"}
-        out[key] = value if value is not None else None
+        out[key] = value
     return out
 
 
-def _convert_sharegpt(row: RawRecord, columns: dict[str, str], tags: dict[str, str]) -> dict[str, Any]:
-    record = row.data
-    if row.error:
-        return {}
-    if not isinstance(record, dict):
-        return {"error": f"expected a JSON object, got {type(record).__name__}"}
-    column = columns.get("messages")
-    turns = _field(record, column)
+def _turns(record: dict[str, Any], columns: dict, tags: dict) -> tuple[list | None, dict[str, Any]]:
+    column = columns["messages"]
+    turns = record.get(column)
     if turns is None:
-        return {"error": f"missing column {column!r}"}
+        return None, {"error": f"missing column {column!r}"}
     if not isinstance(turns, list):
-        return {"error": f"column {column!r}: expected a list of messages, got {type(turns).__name__}"}
-    role_tag, content_tag = tags["role_tag"], tags["content_tag"]
-    roles = {tags[f"{r}_tag"]: r for r in ("user", "assistant", "observation", "function") if tags.get(f"{r}_tag")}
-    extra = _system_and_tools(record, columns)
+        return None, {"error": f"column {column!r}: expected a list of messages, got {type(turns).__name__}"}
+    role_tag = tags["role_tag"]
+    for n, turn in enumerate(turns):
+        if not isinstance(turn, dict) or role_tag not in turn:
+            return None, {"error": f"message {n}: expected an object with a {role_tag!r} field"}
+    return turns, {}
+
+
+def _roles(tags: dict) -> dict[str, str]:
+    return {tags[f"{r}_tag"]: r for r in ("user", "assistant", "observation", "function") if tags.get(f"{r}_tag")}
+
+
+def _convert_sharegpt(row: RawRecord, columns: dict, tags: dict) -> dict[str, Any]:
+    if (bad := _check_object(row)) is not None:
+        return bad
+    turns, error = _turns(row.data, columns, tags)
+    if turns is None:
+        return error
+    extra = _system_and_tools(row.data, columns)
     if "error" in extra:
         return extra
+    role_tag, content_tag, roles = tags["role_tag"], tags["content_tag"], _roles(tags)
     messages = []
     for n, turn in enumerate(turns):
-        if not isinstance(turn, dict) or not isinstance(turn.get(content_tag), str):
+        tag, content = turn.get(role_tag), turn.get(content_tag)
+        if not isinstance(content, str):
             return {"error": f"message {n}: expected an object with a string {content_tag!r}"}
-        tag = turn.get(role_tag)
         if n == 0 and tags.get("system_tag") and tag == tags["system_tag"]:
-            extra["system"] = turn[content_tag]  # a leading system message is the system prompt
+            extra["system"] = content  # a leading system message is the system prompt
             continue
         if tag not in roles:
             return {
                 "error": f"message {n}: unknown role {tag!r} in {role_tag!r} (expected {', '.join(map(repr, roles))})"
             }
-        messages.append({"role": roles[tag], "content": turn[content_tag]})
+        messages.append({"role": roles[tag], "content": content})
+    return {"messages": messages, **extra}
+
+
+def _convert_openai(row: RawRecord, columns: dict, tags: dict) -> dict[str, Any]:
+    """OpenAI-style messages: assistant tool_calls become a function turn; consecutive tool
+    results become one observation, joined as LLaMA-Factory joins them."""
+    if (bad := _check_object(row)) is not None:
+        return bad
+    turns, error = _turns(row.data, columns, tags)
+    if turns is None:
+        return error
+    extra = _system_and_tools(row.data, columns)
+    if "error" in extra:
+        return extra
+    role_tag, content_tag, roles = tags["role_tag"], tags["content_tag"], _roles(tags)
+    if turns and tags.get("system_tag") and turns[0].get(role_tag) == tags["system_tag"]:
+        extra["system"], turns = turns[0].get(content_tag), turns[1:]
+    messages, tool_results = [], []
+    for n, turn in enumerate(turns):
+        tag, content = turn.get(role_tag), turn.get(content_tag)
+        if tag in (tags.get("assistant_tag"), tags.get("function_tag")) and turn.get("tool_calls"):
+            calls = turn["tool_calls"]
+            if not isinstance(calls, list) or not all(isinstance(c, dict) and "function" in c for c in calls):
+                return {"error": f"message {n}: tool_calls must be a list of objects with a 'function'"}
+            tag, content = tags.get("function_tag"), json.dumps([c["function"] for c in calls], ensure_ascii=False)
+        if not isinstance(content, str):
+            return {"error": f"message {n}: expected an object with a string {content_tag!r}"}
+        if tag not in roles:
+            return {
+                "error": f"message {n}: unknown role {tag!r} in {role_tag!r} (expected {', '.join(map(repr, roles))})"
+            }
+        if roles[tag] == "observation":
+            tool_results.append(content)
+            continue
+        if tool_results:
+            messages.append(
+                {"role": "observation", "content": "\n</tool_response>\n<tool_response>\n".join(tool_results)}
+            )
+            tool_results = []
+        messages.append({"role": roles[tag], "content": content})
+    if tool_results:
+        messages.append({"role": "observation", "content": "\n</tool_response>\n<tool_response>\n".join(tool_results)})
     return {"messages": messages, **extra}

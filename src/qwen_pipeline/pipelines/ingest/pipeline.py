@@ -9,7 +9,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 func=ingest_datasets,
                 inputs=["raw_datasets", "params:ingest"],
-                outputs="raw_conversations",
+                outputs=["raw_conversations", "ingest_report"],
                 name="ingest_datasets_node",
             )
         ]
