@@ -21,12 +21,20 @@ PARITY = Path(__file__).parent / "data" / "parity"
 GOLDEN = json.loads((PARITY / "golden.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def conversations():
+TEMPLATE_ARGS = ("cutoff_len", "train_on_prompt", "mask_history")
+
+
+def read(datasets: list[str], **ingest) -> list[Conversation]:
     raw = DatasetInfoDataset(filepath=str(PARITY / "dataset_info.json")).load()
-    kept, rejected, _, _ = validate_conversations(ingest_datasets(raw, {"dataset": GOLDEN["datasets"]})[0], {})
+    records, _ = ingest_datasets(raw, {"dataset": datasets, **ingest})
+    kept, rejected, _, _ = validate_conversations(records, {})
     assert not rejected
     return [Conversation.from_dict(c) for c in kept]
+
+
+@pytest.fixture(scope="module")
+def conversations():
+    return read(GOLDEN["settings"]["default"]["datasets"])
 
 
 def test_golden_file_is_from_llamafactory_095():
@@ -34,9 +42,16 @@ def test_golden_file_is_from_llamafactory_095():
 
 
 @pytest.mark.parametrize("setting", list(GOLDEN["settings"]))
-def test_ids_and_labels_equal_llamafactory(setting, conversations, tokenizer):
+def test_ids_and_labels_equal_llamafactory(setting, tokenizer):
     expected = GOLDEN["settings"][setting]
-    options = TemplateOptions(**expected["args"])
+    args = expected["args"]
+    ingest = {"seed": GOLDEN["seed"], "openai_thinking_suffix": True}  # reproduce 0.9.5's openai quirk
+    if "mix_strategy" in args:
+        ingest["mix_strategy"] = args["mix_strategy"]
+    if "interleave_probs" in args:
+        ingest["interleave_probs"] = [float(p) for p in args["interleave_probs"].split(",")]
+    conversations = read(expected["datasets"], **ingest)
+    options = TemplateOptions(**{k: v for k, v in args.items() if k in TEMPLATE_ARGS})
     ours = encode_conversations(conversations, tokenizer, options)
     assert len(ours) == len(expected["examples"])
     for i, (mine, theirs) in enumerate(zip(ours, expected["examples"])):
@@ -137,3 +152,13 @@ def test_only_answers_starting_with_whitespace_can_tokenize_differently(tokenize
         if flat_ids(a) != flat_ids(b)
     }
     assert differing == {"\nnewline"}, differing  # of these starts, only a newline merges here
+
+
+def test_openai_system_prompt_is_kept_as_written_by_default(tokenizer):
+    plain = read(["openai_parity"])
+    assert [c.system for c in plain] == ["You are precise.", None, None]
+    quirk = read(["openai_parity"], openai_thinking_suffix=True)
+    assert [c.system for c in quirk] == ["You are precise.\ndetailed thinking off", None, "detailed thinking off"]
+    # the tool call and the two tool results, as LLaMA-Factory reads them
+    assert [m.role for m in plain[1].messages] == ["user", "function", "observation", "assistant"]
+    assert plain[1].messages[2].content == '{"temp_c": 3}\n</tool_response>\n<tool_response>\n{"temp_c": 21}'

@@ -14,14 +14,18 @@ import logging
 import tempfile
 from pathlib import Path
 
-# (name, overrides of the LLaMA-Factory arguments)
+TEXT = ["alpaca_parity", "sharegpt_parity"]
+# (name, datasets, overrides of the LLaMA-Factory arguments)
 SETTINGS = [
-    ("default", {"cutoff_len": 1024}),
-    ("train_on_prompt", {"cutoff_len": 1024, "train_on_prompt": True}),
-    ("mask_history", {"cutoff_len": 1024, "mask_history": True}),
-    ("cutoff_128", {"cutoff_len": 128}),
-    ("cutoff_40", {"cutoff_len": 40}),
-    ("mask_history_cutoff_128", {"cutoff_len": 128, "mask_history": True}),
+    ("default", TEXT, {"cutoff_len": 1024}),
+    ("train_on_prompt", TEXT, {"cutoff_len": 1024, "train_on_prompt": True}),
+    ("mask_history", TEXT, {"cutoff_len": 1024, "mask_history": True}),
+    ("cutoff_128", TEXT, {"cutoff_len": 128}),
+    ("cutoff_40", TEXT, {"cutoff_len": 40}),
+    ("mask_history_cutoff_128", TEXT, {"cutoff_len": 128, "mask_history": True}),
+    ("openai", ["openai_parity"], {"cutoff_len": 1024}),
+    ("interleave_under", TEXT, {"cutoff_len": 1024, "mix_strategy": "interleave_under", "interleave_probs": "0.3,0.7"}),
+    ("interleave_over", TEXT, {"cutoff_len": 1024, "mix_strategy": "interleave_over"}),
 ]
 
 
@@ -63,12 +67,11 @@ def main() -> None:
     import llamafactory
 
     info = json.loads((Path(args.dataset_dir) / "dataset_info.json").read_text())
-    golden = {"llamafactory": llamafactory.__version__, "template": "qwen", "datasets": list(info), "settings": {}}
-    for name, overrides in SETTINGS:
-        golden["settings"][name] = {
-            "args": overrides,
-            "examples": encode(args.tokenizer, args.dataset_dir, list(info), overrides),
-        }
+    golden = {"llamafactory": llamafactory.__version__, "template": "qwen", "seed": 42, "settings": {}}
+    for name, datasets, overrides in SETTINGS:
+        assert all(d in info for d in datasets)
+        examples = encode(args.tokenizer, args.dataset_dir, datasets, overrides)
+        golden["settings"][name] = {"datasets": datasets, "args": overrides, "examples": examples}
     Path(args.out).write_text(json.dumps(golden, ensure_ascii=False) + "\n")
 
 

@@ -99,6 +99,9 @@ class IngestConfig:
     mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = "concat"  # how datasets combine
     interleave_probs: list[float] | None = None  # sampling weights for interleave_* (default: equal)
     seed: int = 42  # for num_samples and interleaving
+    # LLaMA-Factory 0.9.5's openai converter appends "detailed thinking off" (a Nemotron prompt) to
+    # system prompts of tool-free conversations. Off: keep the system prompt as written.
+    openai_thinking_suffix: bool = False
 
     def problems(self) -> list[str]:
         found = []

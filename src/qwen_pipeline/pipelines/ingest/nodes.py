@@ -65,6 +65,8 @@ def ingest_datasets(raw: RawDatasets, params: dict[str, Any]) -> tuple[list[dict
             rows = rows[: config.max_samples]
         convert = {"alpaca": _convert_alpaca, "sharegpt": _convert_sharegpt, "openai": _convert_openai}[formatting]
         converted = [_base(name, row) | convert(row, columns, tags) for row in rows]
+        if formatting == "openai" and config.openai_thinking_suffix:
+            converted = [_thinking_suffix(r) for r in converted]
         _warn_ignored_fields(where, rows, columns, formatting)
         report["datasets"][name] = {"read": read, "selected": len(converted), "formatting": formatting}
         logger.info("Read %d %s records of dataset %r, %d selected", read, formatting, name, len(converted))
@@ -80,6 +82,21 @@ def ingest_datasets(raw: RawDatasets, params: dict[str, Any]) -> tuple[list[dict
             ", ".join(f"{n} {d['in_mix']} of {d['selected']}" for n, d in report["datasets"].items()),
         )
     return records, report
+
+
+def _thinking_suffix(record: dict[str, Any]) -> dict[str, Any]:
+    """What LLaMA-Factory 0.9.5's openai converter does to the system prompt (reproduced on request)."""
+    if record.get("error"):
+        return record
+    system, tools = record.get("system") or "", record.get("tools") or ""
+    if not tools:
+        if not system:
+            system = "detailed thinking off"
+        elif "detailed thinking on" not in system and "detailed thinking off" not in system:
+            system += "\ndetailed thinking off"
+    elif system:
+        system += "\n"
+    return {**record, "system": system or None}
 
 
 def _sample(rows: list[RawRecord], num_samples: int | None, seed: int, where: str) -> list[RawRecord]:
