@@ -158,7 +158,7 @@ def test_unlisted_system_column_is_ignored_as_in_llamafactory(tmp_path):
 
 def test_unknown_dataset_name_lists_the_known_ones(tmp_path):
     raw = write_dataset(tmp_path, [ALPACA_OK])
-    with pytest.raises(KeyError, match="no dataset named 'nope'; it defines 'demo'"):
+    with pytest.raises(ValueError, match="no dataset named 'nope'; it defines 'demo'"):
         ingest_datasets(raw, {"dataset": ["nope"]})
 
 

@@ -13,12 +13,13 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar, Union
 
+from .errors import QwenPipelineError
 from .models import EMBEDDED_MODEL
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(QwenPipelineError, ValueError):
     """One or more configuration problems, each naming its key."""
 
     def __init__(self, problems: list[str]):

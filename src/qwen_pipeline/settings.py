@@ -2,6 +2,8 @@
 
 from kedro.config import OmegaConfigLoader
 
+from .errors import UserErrorHook
+
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
@@ -10,3 +12,6 @@ CONFIG_LOADER_ARGS = {
     "merge_strategy": {"parameters": "soft"},
     "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**"]},
 }
+
+# Data and configuration errors print as one message naming the file, record and field.
+HOOKS = (UserErrorHook(),)

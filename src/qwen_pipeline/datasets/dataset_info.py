@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kedro.io import AbstractDataset, DatasetError
+from kedro.io import AbstractDataset
+
+from ..errors import DataSourceError
 
 # File types LLaMA-Factory reads from a dataset folder, by extension (txt is pre-training only).
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
@@ -65,17 +67,17 @@ class DatasetInfoDataset(AbstractDataset[None, RawDatasets]):
         return self._filepath.is_file()
 
     def _save(self, data: None) -> None:
-        raise DatasetError(f"{self._filepath}: the raw data folder is read-only")
+        raise DataSourceError(f"{self._filepath}: the raw data folder is read-only")
 
     def _load(self) -> RawDatasets:
         try:
             info = json.loads(self._filepath.read_text(encoding="utf-8"))
         except FileNotFoundError as exc:
-            raise DatasetError(f"{self._filepath}: no dataset_info.json here") from exc
+            raise DataSourceError(f"{self._filepath}: no dataset_info.json here") from exc
         except json.JSONDecodeError as exc:
-            raise DatasetError(f"{self._filepath}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
+            raise DataSourceError(f"{self._filepath}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
         if not isinstance(info, dict) or not all(isinstance(v, dict) for v in info.values()):
-            raise DatasetError(f"{self._filepath}: expected an object mapping dataset names to objects")
+            raise DataSourceError(f"{self._filepath}: expected an object mapping dataset names to objects")
         return RawDatasets(info_path=str(self._filepath), info=info, read=lambda name: self._read(name, info[name]))
 
     def _read(self, name: str, info: dict[str, Any]) -> list[RawRecord]:
@@ -83,28 +85,28 @@ class DatasetInfoDataset(AbstractDataset[None, RawDatasets]):
         if "hf_hub_url" in info:
             return _read_hub(where, info)
         if "file_name" not in info:
-            raise DatasetError(
+            raise DataSourceError(
                 f"{where}: needs 'file_name' or 'hf_hub_url' "
                 "(ms_hub_url, om_hub_url, script_url and cloud_file_name are not supported)"
             )
         root = self._filepath.parent.resolve()
         path = (root / info["file_name"]).resolve()
         if not path.is_relative_to(root):
-            raise DatasetError(f"{where}: file_name {info['file_name']!r} resolves outside {root}")
+            raise DataSourceError(f"{where}: file_name {info['file_name']!r} resolves outside {root}")
         if path.is_dir():
             files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
             if not files:
-                raise DatasetError(f"{where}: folder {path} holds no files")
+                raise DataSourceError(f"{where}: folder {path} holds no files")
         elif path.is_file():
             files = [path]
         else:
-            raise DatasetError(f"{where}: {path} not found")
+            raise DataSourceError(f"{where}: {path} not found")
         kinds = {p.suffix: FILE_TYPES.get(p.suffix) for p in files}
         if None in kinds.values():
             bad = sorted(k for k, v in kinds.items() if v is None)
-            raise DatasetError(f"{where}: unsupported file type {', '.join(bad)} (use {', '.join(FILE_TYPES)})")
+            raise DataSourceError(f"{where}: unsupported file type {', '.join(bad)} (use {', '.join(FILE_TYPES)})")
         if len(set(kinds.values())) > 1:
-            raise DatasetError(f"{where}: folder {path} mixes file types {', '.join(sorted(kinds))}; use one")
+            raise DataSourceError(f"{where}: folder {path} mixes file types {', '.join(sorted(kinds))}; use one")
         records: list[RawRecord] = []
         for file in files:
             rel = str(file.relative_to(root))
@@ -122,7 +124,7 @@ def _read_hub(where: str, info: dict[str, Any]) -> list[RawRecord]:
             url, name=info.get("subset"), data_dir=info.get("folder"), split=info.get("split", "train")
         )
     except Exception as exc:  # no network, unknown id, gated dataset...
-        raise DatasetError(
+        raise DataSourceError(
             f"{where}: could not load {url!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
             "Without a network, download it elsewhere and name the local copy in 'file_name'."
         ) from exc
@@ -136,7 +138,7 @@ def _read_table(path: Path, rel: str, kind: str) -> list[RawRecord]:
     try:
         data = datasets.load_dataset(kind, data_files=str(path), split="train")
     except Exception as exc:
-        raise DatasetError(f"{path}: cannot read as {kind}: {type(exc).__name__}: {exc}") from exc
+        raise DataSourceError(f"{path}: cannot read as {kind}: {type(exc).__name__}: {exc}") from exc
     return [RawRecord(rel, i, row) for i, row in enumerate(data)]
 
 
@@ -149,10 +151,10 @@ def _read_json(path: Path, rel: str) -> list[RawRecord]:
     except json.JSONDecodeError as exc:
         try:  # LLaMA-Factory also accepts JSON Lines saved as .json
             return _read_jsonl(text, path, rel)
-        except DatasetError:
-            raise DatasetError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
+        except DataSourceError:
+            raise DataSourceError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
     if not isinstance(data, list):
-        raise DatasetError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+        raise DataSourceError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     return [RawRecord(rel, i, record) for i, record in enumerate(data)]
 
 
@@ -165,5 +167,5 @@ def _read_jsonl(text: str, path: Path, rel: str) -> list[RawRecord]:
         except json.JSONDecodeError as exc:
             records.append(RawRecord(rel, index, None, f"invalid JSON at line {line_no}: {exc.msg}"))
     if numbered and all(r.error for r in records):
-        raise DatasetError(f"{path}: no line is valid JSON (first: {records[0].error})")
+        raise DataSourceError(f"{path}: no line is valid JSON (first: {records[0].error})")
     return records

@@ -12,6 +12,7 @@ from datasets import DatasetDict
 
 from ...config import EvaluateConfig, parse_config
 from ...datasets import ModelBundle
+from ...errors import DataError
 from ...template import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def evaluate_model(
 ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, str]]]:
     config = parse_config(EvaluateConfig, params, "evaluate")
     if "validation" not in sft_dataset:
-        raise ValueError("sft_dataset has no validation split: set format.val_size above 0 to evaluate")
+        raise DataError("sft_dataset has no validation split: set format.val_size above 0 to evaluate")
     model, tokenizer = merged_model.model, merged_model.tokenizer
     model.eval()
     validation = sft_dataset["validation"]

@@ -21,6 +21,7 @@ from datasets.table import InMemoryTable
 
 from ...config import FormatConfig, ModelConfig, parse_config
 from ...conversation import Conversation
+from ...errors import DataError
 from ...models import load_tokenizer
 from ...template import IGNORE_INDEX, TemplateOptions, assemble, flat_ids, may_tokenize_differently, tokenize_turns
 
@@ -186,7 +187,7 @@ def _split(dataset: Dataset, config: FormatConfig) -> DatasetDict:
     if not size:
         return DatasetDict({"train": dataset})
     if isinstance(size, int) and size >= len(dataset):
-        raise ValueError(f"format.val_size={size} leaves no training examples out of {len(dataset)}")
+        raise DataError(f"format.val_size={size} leaves no training examples out of {len(dataset)}")
     # datasets' own seeded split, as LLaMA-Factory does it.
     parts = dataset.train_test_split(test_size=size, seed=config.seed)
     return DatasetDict({"train": parts["train"], "validation": parts["test"]})

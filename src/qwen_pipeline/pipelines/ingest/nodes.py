@@ -17,6 +17,7 @@ import numpy as np
 
 from ...config import IngestConfig, parse_config
 from ...datasets import RawDatasets, RawRecord
+from ...errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def ingest_datasets(raw: RawDatasets, params: dict[str, Any]) -> tuple[list[dict
     config = parse_config(IngestConfig, params, "ingest")
     unknown = [name for name in config.dataset if name not in raw.info]
     if unknown:
-        raise KeyError(
+        raise DataError(
             f"{raw.info_path}: no dataset named {', '.join(map(repr, unknown))}; "
             f"it defines {', '.join(map(repr, raw.info))}"
         )
@@ -51,13 +52,13 @@ def ingest_datasets(raw: RawDatasets, params: dict[str, Any]) -> tuple[list[dict
         where = f"{raw.info_path}, dataset {name!r}"
         formatting = info.get("formatting", "alpaca")
         if formatting not in FORMATTINGS:
-            raise ValueError(f"{where}: formatting {formatting!r} is not one of {', '.join(FORMATTINGS)}")
+            raise DataError(f"{where}: formatting {formatting!r} is not one of {', '.join(FORMATTINGS)}")
         columns = {k: info["columns"].get(k) for k in COLUMN_KEYS} if "columns" in info else DEFAULT_COLUMNS
         tags = {k: info["tags"].get(k) for k in DEFAULT_TAGS} if "tags" in info else DEFAULT_TAGS
         needed = ("response",) if formatting == "alpaca" else ("messages",)
         missing = [k for k in needed if not columns.get(k)]
         if missing:
-            raise ValueError(f"{where}: 'columns' maps no {', '.join(map(repr, missing))} column")
+            raise DataError(f"{where}: 'columns' maps no {', '.join(map(repr, missing))} column")
         rows = raw.read(name)
         read = len(rows)
         rows = _sample(rows, info.get("num_samples"), config.seed, where)
@@ -104,7 +105,7 @@ def _sample(rows: list[RawRecord], num_samples: int | None, seed: int, where: st
     if num_samples is None:
         return rows
     if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"{where}: num_samples must be a positive integer, got {num_samples!r}")
+        raise DataError(f"{where}: num_samples must be a positive integer, got {num_samples!r}")
     rng = np.random.default_rng(seed)
     indexes = rng.permutation(len(rows))[:num_samples]
     if num_samples > len(rows):

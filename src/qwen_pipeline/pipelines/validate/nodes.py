@@ -12,6 +12,7 @@ from typing import Any
 
 from ...config import ValidateConfig, parse_config
 from ...conversation import Conversation
+from ...errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -76,12 +77,12 @@ def validate_conversations(
     share = len(rejected) / read if read else 0.0
     if share > config.max_rejected_share:
         top = "; ".join(f"{n} x {r}" for r, n in reasons.most_common(3))
-        raise ValueError(
+        raise DataError(
             f"{len(rejected)} of {read} records rejected ({share:.0%}), more than "
             f"validate.max_rejected_share={config.max_rejected_share}. Top reasons: {top}. "
             "See the rejected_records dataset for each record."
         )
     if not kept:
-        raise ValueError(f"no valid records among {read}; see the rejected_records dataset")
+        raise DataError(f"no valid records among {read}; see the rejected_records dataset")
     metrics = {key: {"value": float(report[key]), "step": 0} for key in ("read", "kept", "rejected")}
     return kept, rejected, report, metrics

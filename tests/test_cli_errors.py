@@ -1,0 +1,89 @@
+"""Bad input through `kedro run`: one clear message naming the file, record or key; no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+GOOD = {"instruction": "q", "input": "", "output": "a"}
+
+
+def project_with(tmp_path: Path, files: dict[str, str]) -> Path:
+    root = tmp_path / "project"
+    for name in ("pyproject.toml", ".telemetry", "conf", "src"):
+        src = PROJECT_ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__", "local"))
+        else:
+            root.mkdir(exist_ok=True)
+            shutil.copy(src, root / name)
+    (root / "conf" / "local").mkdir()
+    raw = root / "data" / "01_raw"
+    raw.mkdir(parents=True)
+    for name, text in files.items():
+        (raw / name).write_text(text)
+    return root
+
+
+INFO = json.dumps(
+    {"alpaca_demo": {"file_name": "a.json"}, "sharegpt_demo": {"file_name": "b.json", "formatting": "sharegpt"}}
+)
+CASES = [
+    (
+        "unknown dataset",
+        {"dataset_info.json": INFO, "a.json": json.dumps([GOOD])},
+        ["--params", "ingest.dataset=[nope]"],
+        "dataset_info.json: no dataset named 'nope'; it defines 'alpaca_demo', 'sharegpt_demo'",
+    ),
+    (
+        "broken data file",
+        {"dataset_info.json": INFO, "a.json": '[\n {"instruction": "q",\n  oops\n]', "b.json": "[]"},
+        [],
+        "a.json: invalid JSON at line 3: Expecting property name enclosed in double quotes",
+    ),
+    (
+        "broken dataset_info.json",
+        {"dataset_info.json": '{"alpaca_demo": }'},
+        [],
+        "dataset_info.json: invalid JSON at line 1: Expecting value",
+    ),
+    (
+        "misspelt parameter",
+        {"dataset_info.json": INFO, "a.json": json.dumps([GOOD])},
+        ["--params", "ingest.max_sample=3"],
+        "invalid configuration:\n  - ingest.max_sample: unknown parameter (did you mean 'max_samples'?)",
+    ),
+    (
+        "too many rejected",
+        {"dataset_info.json": INFO, "a.json": json.dumps([GOOD, {"instruction": "x"}, {"output": 3}]), "b.json": "[]"},
+        [],
+        "2 of 3 records rejected (67%), more than validate.max_rejected_share=0.5. Top reasons: "
+        "1 x missing column 'output'; 1 x column 'output': expected a string, got int.",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "files", "args", "message"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_clear_error(tmp_path, model_cache, name, files, args, message):
+    root = project_with(tmp_path, files)
+    env = {**os.environ, "QWEN_PIPELINE_CACHE": str(model_cache), "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "200"}
+    env.pop("QWEN_PIPELINE_TRACEBACK", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kedro", "run", "--pipelines", "ingest,validate", *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stdout + proc.stderr and "╭" not in proc.stderr
+    assert "Error: " in proc.stderr and message in proc.stderr, proc.stderr[-3000:]
