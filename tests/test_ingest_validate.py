@@ -186,3 +186,13 @@ def test_demo_data_keeps_all_but_the_two_planted_errors():
     assert (report["read"], report["kept"], report["rejected"]) == (362, 360, 2)
     assert [(r["file"], r["index"]) for r in rejected] == [("alpaca_demo.json", 17), ("sharegpt_demo.json", 9)]
     assert metrics["rejected"] == {"value": 2.0, "step": 0}
+    assert metrics["sharegpt_demo.rejected"] == {"value": 1.0, "step": 0}
+    assert metrics["alpaca_demo.kept"] == {"value": 240.0, "step": 0}
+
+
+def test_empty_answers_are_kept_with_a_warning(tmp_path, caplog):
+    raw = write_dataset(tmp_path, [ALPACA_OK, {"instruction": "say nothing", "output": ""}])
+    with caplog.at_level(logging.WARNING):
+        kept, _, report, _ = run(raw)
+    assert len(kept) == 2 and report["empty_answers"] == 1
+    assert "1 kept conversations have an empty answer: they train only on <|im_end|>" in caplog.text

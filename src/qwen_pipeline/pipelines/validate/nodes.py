@@ -16,6 +16,7 @@ from ...errors import DataError
 
 logger = logging.getLogger(__name__)
 
+KEPT_KEYS = ("dataset", "file", "index", "system", "tools", "messages")
 _DETAIL = re.compile(r"^(message|item) \d+: |line \d+|\(\d+\)")
 
 
@@ -61,7 +62,7 @@ def validate_conversations(
             logger.debug("Rejected %s record %s: %s", record["file"], record["index"], problems)
         else:
             counts["kept"] += 1
-            kept.append(Conversation.from_dict(record).to_dict())
+            kept.append({key: record[key] for key in KEPT_KEYS})  # shares the message lists: no copy
     read = len(raw_conversations)
     assert read == len(kept) + len(rejected)  # nothing vanishes
     report = {
@@ -84,5 +85,15 @@ def validate_conversations(
         )
     if not kept:
         raise DataError(f"no valid records among {read}; see the rejected_records dataset")
+    empty_answers = sum(1 for r in kept for m in r["messages"] if m["role"] == "assistant" and not m["content"].strip())
+    report["empty_answers"] = empty_answers
+    if empty_answers:
+        logger.warning(
+            "%d kept conversations have an empty answer: they train only on <|im_end|> (LLaMA-Factory keeps them "
+            "too). Remove them from the data if that is not intended.",
+            empty_answers,
+        )
     metrics = {key: {"value": float(report[key]), "step": 0} for key in ("read", "kept", "rejected")}
+    for name, counts in report["by_dataset"].items():  # e.g. validate.alpaca_demo.rejected
+        metrics.update({f"{name}.{key}": {"value": float(v), "step": 0} for key, v in counts.items()})
     return kept, rejected, report, metrics
