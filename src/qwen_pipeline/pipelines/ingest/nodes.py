@@ -232,18 +232,28 @@ def _turns(record: dict[str, Any], columns: dict, tags: dict) -> tuple[list | No
     return turns, {}
 
 
+def _prepare_messages(row: RawRecord, columns: dict, tags: dict) -> tuple[list | None, dict[str, Any]]:
+    """The message list and the system/tools fields of a sharegpt or openai record, or an error."""
+    if (bad := _check_object(row)) is not None:
+        return None, bad
+    turns, error = _turns(row.data, columns, tags)
+    if turns is None:
+        return None, error
+    extra = _system_and_tools(row.data, columns)
+    return (None, extra) if "error" in extra else (turns, extra)
+
+
+def _unknown_role(n: int, tag: Any, role_tag: str, roles: dict[str, str]) -> dict[str, str]:
+    return {"error": f"message {n}: unknown role {tag!r} in {role_tag!r} (expected {', '.join(map(repr, roles))})"}
+
+
 def _roles(tags: dict) -> dict[str, str]:
     return {tags[f"{r}_tag"]: r for r in ("user", "assistant", "observation", "function") if tags.get(f"{r}_tag")}
 
 
 def _convert_sharegpt(row: RawRecord, columns: dict, tags: dict) -> dict[str, Any]:
-    if (bad := _check_object(row)) is not None:
-        return bad
-    turns, error = _turns(row.data, columns, tags)
+    turns, extra = _prepare_messages(row, columns, tags)
     if turns is None:
-        return error
-    extra = _system_and_tools(row.data, columns)
-    if "error" in extra:
         return extra
     role_tag, content_tag, roles = tags["role_tag"], tags["content_tag"], _roles(tags)
     messages = []
@@ -255,9 +265,7 @@ def _convert_sharegpt(row: RawRecord, columns: dict, tags: dict) -> dict[str, An
             extra["system"] = content  # a leading system message is the system prompt
             continue
         if tag not in roles:
-            return {
-                "error": f"message {n}: unknown role {tag!r} in {role_tag!r} (expected {', '.join(map(repr, roles))})"
-            }
+            return _unknown_role(n, tag, role_tag, roles)
         messages.append({"role": roles[tag], "content": content})
     return {"messages": messages, **extra}
 
@@ -265,13 +273,8 @@ def _convert_sharegpt(row: RawRecord, columns: dict, tags: dict) -> dict[str, An
 def _convert_openai(row: RawRecord, columns: dict, tags: dict) -> dict[str, Any]:
     """OpenAI-style messages: assistant tool_calls become a function turn; consecutive tool
     results become one observation, joined as LLaMA-Factory joins them."""
-    if (bad := _check_object(row)) is not None:
-        return bad
-    turns, error = _turns(row.data, columns, tags)
+    turns, extra = _prepare_messages(row, columns, tags)
     if turns is None:
-        return error
-    extra = _system_and_tools(row.data, columns)
-    if "error" in extra:
         return extra
     role_tag, content_tag, roles = tags["role_tag"], tags["content_tag"], _roles(tags)
     if turns and tags.get("system_tag") and turns[0].get(role_tag) == tags["system_tag"]:
@@ -287,9 +290,7 @@ def _convert_openai(row: RawRecord, columns: dict, tags: dict) -> dict[str, Any]
         if not isinstance(content, str):
             return {"error": f"message {n}: expected an object with a string {content_tag!r}"}
         if tag not in roles:
-            return {
-                "error": f"message {n}: unknown role {tag!r} in {role_tag!r} (expected {', '.join(map(repr, roles))})"
-            }
+            return _unknown_role(n, tag, role_tag, roles)
         if roles[tag] == "observation":
             tool_results.append(content)
             continue
