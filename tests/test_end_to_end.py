@@ -65,7 +65,7 @@ def test_adapter_loads_with_peft_and_merged_logits_match(project):
     from qwen_pipeline.models import EMBEDDED_MODEL, load_causal_lm
 
     root, _ = project
-    adapter = PeftModel.from_pretrained(load_causal_lm(EMBEDDED_MODEL), root / "data/06_models/adapter").eval()
+    adapter = PeftModel.from_pretrained(load_causal_lm(EMBEDDED_MODEL), root / "data/06_models/trained").eval()
     merged = AutoModelForCausalLM.from_pretrained(root / "data/06_models/merged", dtype=torch.float32).eval()
     ids = torch.tensor([[151644, 872, 198, 3838, 374, 220, 17, 5519, 220, 18, 30, 151645, 198, 151644, 77091, 198]])
     with torch.no_grad():

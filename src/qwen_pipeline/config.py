@@ -163,11 +163,19 @@ class FormatConfig:
 class TrainConfig:
     """``params:train``: the SFT recipe's hyperparameters (LLaMA-Factory's names and meanings)."""
 
-    finetuning_type: Literal["lora"] = "lora"
+    finetuning_type: Literal["lora", "full", "freeze"] = "lora"
+    # LoRA / DoRA / QLoRA
     lora_rank: int = 8
     lora_alpha: int | None = None  # default: 2 * lora_rank (as LLaMA-Factory)
     lora_dropout: float = 0.0
     lora_target: str | list[str] = "all"  # "all" = every linear layer but the output head
+    additional_target: list[str] | None = None  # modules trained fully beside LoRA (e.g. embed_tokens)
+    use_dora: bool = False  # weight-decomposed LoRA
+    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
+    quantization_bit: int | None = None  # 4 (nf4, double quantization) or 8: QLoRA
+    # freeze: train only the last N decoder layers (negative: the first N)
+    freeze_trainable_layers: int = 2
+    # optimisation
     learning_rate: float = 1.0e-4
     num_train_epochs: float = 3.0
     max_steps: int = -1  # > 0 overrides num_train_epochs
@@ -181,6 +189,11 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     logging_steps: int = 1
     seed: int = 42
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    flash_attn: Literal["auto", "sdpa", "fa2", "disabled"] = "auto"  # auto = transformers' default (sdpa)
+    deepspeed: str | None = None  # a DeepSpeed JSON config path
     output_dir: str = "data/06_models/checkpoints"  # Trainer scratch space (checkpoints, logs)
 
     def problems(self) -> list[str]:
@@ -194,6 +207,16 @@ class TrainConfig:
             found.append("num_train_epochs: must be positive when max_steps is not set")
         if not 0.0 <= self.lora_dropout < 1.0:
             found.append(f"lora_dropout: must be within [0, 1), got {self.lora_dropout}")
+        if self.quantization_bit not in (None, 4, 8):
+            found.append(f"quantization_bit: 4 or 8, got {self.quantization_bit}")
+        elif self.quantization_bit and self.finetuning_type != "lora":
+            found.append(
+                f"quantization_bit: QLoRA trains adapters; it needs finetuning_type lora, not {self.finetuning_type}"
+            )
+        if self.bf16 and self.fp16:
+            found.append("fp16: choose bf16 or fp16, not both")
+        if self.freeze_trainable_layers == 0:
+            found.append("freeze_trainable_layers: must not be 0")
         return found
 
 

@@ -35,8 +35,8 @@ class ModelDataset(AbstractDataset[ModelBundle, ModelBundle]):
 
         trained_model:
           type: qwen_pipeline.datasets.ModelDataset
-          filepath: data/06_models/adapter
-          kind: adapter            # or causal_lm
+          filepath: data/06_models/trained
+          kind: auto               # adapter (PEFT) or causal_lm (full weights), from the model
           save_args:
             max_shard_size: 2GB
           mlflow_artifact_path: merged_model   # also log the directory to the active MLflow run
@@ -54,14 +54,14 @@ class ModelDataset(AbstractDataset[ModelBundle, ModelBundle]):
         self,
         *,
         filepath: str,
-        kind: Literal["adapter", "causal_lm"] = "causal_lm",
+        kind: Literal["auto", "adapter", "causal_lm"] = "auto",
         save_args: dict[str, Any] | None = None,
         load_args: dict[str, Any] | None = None,
         mlflow_artifact_path: str | None = None,
         metadata: dict[str, Any] | None = None,
     ):
-        if kind not in ("adapter", "causal_lm"):
-            raise DatasetError(f"ModelDataset {filepath}: kind must be 'adapter' or 'causal_lm', got {kind!r}")
+        if kind not in ("auto", "adapter", "causal_lm"):
+            raise DatasetError(f"ModelDataset {filepath}: kind must be 'auto', 'adapter' or 'causal_lm', got {kind!r}")
         self._filepath = Path(filepath)
         self._kind = kind
         self._save_args = {**self.DEFAULT_SAVE_ARGS, **(save_args or {})}
@@ -82,7 +82,7 @@ class ModelDataset(AbstractDataset[ModelBundle, ModelBundle]):
         try:
             data.model.save_pretrained(tmp, **self._save_args)
             data.tokenizer.save_pretrained(tmp)
-            manifest = {"kind": self._kind, "base_model": data.base_model, **data.info}
+            manifest = {"kind": self._kind_of(data.model), "base_model": data.base_model, **data.info}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
             old = None
             if target.exists():
@@ -93,8 +93,15 @@ class ModelDataset(AbstractDataset[ModelBundle, ModelBundle]):
                 shutil.rmtree(old, ignore_errors=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        logger.info("Saved %s to %s", self._kind, target)
+        logger.info("Saved %s to %s", manifest["kind"], target)
         self._log_to_mlflow()
+
+    def _kind_of(self, model) -> str:
+        if self._kind != "auto":
+            return self._kind
+        from peft import PeftModel
+
+        return "adapter" if isinstance(model, PeftModel) else "causal_lm"
 
     def _log_to_mlflow(self) -> None:
         if not self._mlflow_artifact_path:
@@ -113,7 +120,7 @@ class ModelDataset(AbstractDataset[ModelBundle, ModelBundle]):
             raise DatasetError(f"{self._filepath}: no complete model directory here (no {MANIFEST})")
         manifest = json.loads((self._filepath / MANIFEST).read_text())
         tokenizer = load_tokenizer(str(self._filepath))
-        if self._kind == "causal_lm":
+        if manifest["kind"] == "causal_lm":
             model = load_causal_lm(str(self._filepath), **self._load_args)
         else:
             from peft import PeftModel

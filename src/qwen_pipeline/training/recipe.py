@@ -16,7 +16,7 @@ import torch
 from datasets import DatasetDict
 
 from ..config import ModelConfig, TrainConfig
-from ..models import load_causal_lm, load_tokenizer
+from ..models import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +29,35 @@ class TrainResult:
     summary: dict[str, Any]
 
 
-def wrap_lora(model, config: TrainConfig):
-    from peft import LoraConfig, TaskType, get_peft_model
+ATTENTION = {"auto": None, "sdpa": "sdpa", "fa2": "flash_attention_2", "disabled": "eager"}
 
+
+def load_model(model_config: ModelConfig, config: TrainConfig):
+    """The base model in the training dtype, quantized for QLoRA, with the chosen attention."""
+    from transformers import BitsAndBytesConfig
+
+    dtype = torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else torch.float32
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": model_config.trust_remote_code}
+    if ATTENTION[config.flash_attn]:
+        kwargs["attn_implementation"] = ATTENTION[config.flash_attn]
+    if config.quantization_bit == 4:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+    elif config.quantization_bit == 8:
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    from transformers import AutoModelForCausalLM
+
+    from ..models import resolve_model_path
+
+    return AutoModelForCausalLM.from_pretrained(resolve_model_path(model_config.model_name_or_path), **kwargs)
+
+
+def wrap_lora(model, config: TrainConfig):
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+
+    if config.quantization_bit:  # norms and head to fp32, inputs require grad: what k-bit training needs
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
     target = "all-linear" if config.lora_target == "all" else config.lora_target  # PEFT skips the head
     lora = LoraConfig(
         task_type=TaskType.CAUSAL_LM,
@@ -39,8 +65,37 @@ def wrap_lora(model, config: TrainConfig):
         lora_alpha=config.lora_alpha if config.lora_alpha is not None else 2 * config.lora_rank,
         lora_dropout=config.lora_dropout,
         target_modules=target,
+        use_dora=config.use_dora,
+        use_rslora=config.use_rslora,
+        modules_to_save=config.additional_target,
     )
     return get_peft_model(model, lora)
+
+
+def wrap_freeze(model, config: TrainConfig):
+    """Train only the last N decoder layers (the first N when negative), as LLaMA-Factory's freeze."""
+    layers = model.model.layers
+    n = config.freeze_trainable_layers
+    chosen = range(max(len(layers) - n, 0), len(layers)) if n > 0 else range(min(-n, len(layers)))
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for i in chosen:
+        for parameter in layers[i].parameters():
+            parameter.requires_grad_(True)
+    return model
+
+
+def wrap(model, config: TrainConfig):
+    if config.finetuning_type == "lora":
+        return wrap_lora(model, config)
+    if config.finetuning_type == "freeze":
+        return wrap_freeze(model, config)
+    return model  # full: every parameter trains
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
 
 
 def run_sft(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig) -> TrainResult:
@@ -53,11 +108,16 @@ def run_sft(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig
         trust_remote_code=model_config.trust_remote_code,
         use_fast=model_config.use_fast_tokenizer,
     )
-    model = load_causal_lm(model_config.model_name_or_path, trust_remote_code=model_config.trust_remote_code)
+    model = load_model(model_config, config)
     # Wrap
-    model = wrap_lora(model, config)
-    trainable, total = model.get_nb_trainable_parameters()
-    logger.info("LoRA: %d trainable parameters of %d (%.3f%%)", trainable, total, 100 * trainable / total)
+    model = wrap(model, config)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False  # the cache is useless when activations are recomputed
+    trainable, total = count_parameters(model)
+    logger.info(
+        "%s: %d trainable parameters of %d (%.3f%%)", config.finetuning_type, trainable, total, 100 * trainable / total
+    )
     # Train
     args = TrainingArguments(
         output_dir=config.output_dir,
@@ -74,6 +134,9 @@ def run_sft(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig
         max_grad_norm=config.max_grad_norm,
         logging_steps=config.logging_steps,
         seed=config.seed,
+        bf16=config.bf16,
+        fp16=config.fp16,
+        deepspeed=config.deepspeed,
         save_strategy="no",  # checkpoints and resume come with the launcher
         report_to="none",  # the train node hands the history to kedro-mlflow
         remove_unused_columns=False,

@@ -23,6 +23,24 @@ def merge_adapter(trained_model: ModelBundle, params: dict[str, Any]) -> tuple[M
     config = parse_config(MergeConfig, params, "merge")
     model, tokenizer = trained_model.model, trained_model.tokenizer
     model.eval()
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):  # full or freeze fine-tuning: the weights are already whole
+        logger.info(
+            "Nothing to merge: %s fine-tuning trained the weights themselves", trained_model.info.get("finetuning_type")
+        )
+        report = {
+            "base_model": trained_model.base_model,
+            "merged": False,
+            "passed": True,
+            "parameters": sum(p.numel() for p in model.parameters()),
+        }
+        return ModelBundle(
+            model=model,
+            tokenizer=tokenizer,
+            base_model=trained_model.base_model,
+            info={**trained_model.info, "merge": report},
+        ), report
     input_ids = torch.tensor([tokenizer(config.check_text, add_special_tokens=False)["input_ids"]])
     before = _logits(model, input_ids)
     merged = model.merge_and_unload()

@@ -6,8 +6,9 @@ from typing import Any
 
 from datasets import DatasetDict
 
-from ...config import ModelConfig, TrainConfig, parse_config
+from ...config import ConfigError, ModelConfig, TrainConfig, parse_config
 from ...datasets import ModelBundle
+from ...training.checks import environment_problems
 from ...training.recipe import run_sft
 
 
@@ -17,12 +18,18 @@ def train_model(
     """Returns the trained adapter, the per-step loss, a summary and its metrics for MLflow."""
     model_config = parse_config(ModelConfig, model_params, "model")
     config = parse_config(TrainConfig, params, "train")
+    if problems := environment_problems(config):  # before any model is loaded
+        raise ConfigError(problems)
     result = run_sft(sft_dataset, model_config, config)
     bundle = ModelBundle(
         model=result.model,
         tokenizer=result.tokenizer,
         base_model=model_config.model_name_or_path,
-        info={"finetuning_type": config.finetuning_type, "training": result.summary},
+        info={
+            "finetuning_type": config.finetuning_type,
+            "quantization_bit": config.quantization_bit,
+            "training": result.summary,
+        },
     )
     loss_history = {int(entry["step"]): entry["loss"] for entry in result.history}
     metrics = {

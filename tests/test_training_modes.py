@@ -1,0 +1,150 @@
+"""Every fine-tuning mode lowers the loss on the tiny model, and what it saves loads back with the same logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset, DatasetDict
+
+from qwen_pipeline.config import ConfigError, ModelConfig, TrainConfig, parse_config
+from qwen_pipeline.conversation import Conversation
+from qwen_pipeline.datasets import DatasetInfoDataset, ModelBundle, ModelDataset
+from qwen_pipeline.models import EMBEDDED_MODEL
+from qwen_pipeline.pipelines.ingest.nodes import ingest_datasets
+from qwen_pipeline.pipelines.validate.nodes import validate_conversations
+from qwen_pipeline.template import TemplateOptions, encode_conversations
+from qwen_pipeline.training.checks import environment_problems
+from qwen_pipeline.training.recipe import run_sft
+
+RAW = Path(__file__).resolve().parents[1] / "data" / "01_raw" / "dataset_info.json"
+IDS = torch.tensor([[151644, 872, 198, 3838, 374, 220, 17, 5519, 220, 18, 30, 151645, 198, 151644, 77091, 198]])
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tokenizer):
+    records, _ = ingest_datasets(
+        DatasetInfoDataset(filepath=str(RAW)).load(), {"dataset": ["alpaca_demo"], "max_samples": 24}
+    )
+    kept, _, _, _ = validate_conversations(records, {})
+    encoded = encode_conversations(
+        [Conversation.from_dict(c) for c in kept], tokenizer, TemplateOptions(cutoff_len=128)
+    )
+    rows = {
+        "input_ids": [e.input_ids for e in encoded],
+        "attention_mask": [[1] * len(e.input_ids) for e in encoded],
+        "labels": [e.labels for e in encoded],
+    }
+    return DatasetDict({"train": Dataset.from_dict(rows)})
+
+
+MODES = {
+    "full": {"finetuning_type": "full", "learning_rate": 1e-3},
+    "freeze": {"finetuning_type": "freeze", "freeze_trainable_layers": 1, "learning_rate": 5e-3},
+    "lora": {"finetuning_type": "lora"},
+    "dora": {"finetuning_type": "lora", "use_dora": True},
+    "rslora": {"finetuning_type": "lora", "use_rslora": True},
+    "qlora_4bit": {"finetuning_type": "lora", "quantization_bit": 4},
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_mode_lowers_loss_and_round_trips(mode, small_dataset, tmp_path, embedded_dir):
+    params = {
+        "learning_rate": 5e-3,
+        "num_train_epochs": 4.0,
+        "per_device_train_batch_size": 8,
+        "gradient_accumulation_steps": 1,
+        "lr_scheduler_type": "constant",
+        "output_dir": str(tmp_path / "ckpt"),
+        **MODES[mode],
+    }
+    config = parse_config(TrainConfig, params, "train")
+    assert environment_problems(config) == []
+    result = run_sft(small_dataset, ModelConfig(), config)
+    losses = [h["loss"] for h in result.history]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
+    model = result.model.eval()
+    with torch.no_grad():
+        before = model(IDS).logits
+    dataset = ModelDataset(filepath=str(tmp_path / "saved"))
+    dataset.save(
+        ModelBundle(
+            model=model,
+            tokenizer=result.tokenizer,
+            base_model=EMBEDDED_MODEL,
+            info={"quantization_bit": config.quantization_bit},
+        )
+    )
+    if config.quantization_bit:  # the adapter on the same quantized base it trained on
+        from peft import PeftModel
+
+        from qwen_pipeline.training.recipe import load_model
+
+        reloaded = PeftModel.from_pretrained(load_model(ModelConfig(), config), str(tmp_path / "saved")).eval()
+    else:
+        reloaded = dataset.load().model.eval()
+    with torch.no_grad():
+        after = reloaded(IDS).logits
+    assert float((before - after).abs().max()) < 1e-4
+    kind = "adapter" if config.finetuning_type == "lora" else "causal_lm"
+    assert (tmp_path / "saved" / ("adapter_config.json" if kind == "adapter" else "config.json")).exists()
+
+
+def test_freeze_trains_only_the_last_layers(small_dataset, tmp_path):
+    from qwen_pipeline.training.recipe import load_model, wrap
+
+    model = wrap(
+        load_model(ModelConfig(), TrainConfig()), TrainConfig(finetuning_type="freeze", freeze_trainable_layers=1)
+    )
+    trainable = {n.split(".")[2] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"1"}  # model.layers.1.*
+
+
+INVALID = [
+    (
+        {"finetuning_type": "full", "quantization_bit": 4},
+        False,
+        ["train.quantization_bit: QLoRA trains adapters; it needs finetuning_type lora, not full"],
+    ),
+    ({"quantization_bit": 3}, False, ["train.quantization_bit: 4 or 8, got 3"]),
+    ({"bf16": True, "fp16": True}, False, ["train.fp16: choose bf16 or fp16, not both"]),
+]
+ENVIRONMENT = [
+    (
+        {"flash_attn": "fa2"},
+        [
+            "train.flash_attn: fa2 needs a CUDA GPU and none is visible (use sdpa or auto)",
+            "train.flash_attn: fa2 needs the flash-attn package (pip install -e '.[gpu]')",
+        ],
+    ),
+    ({"fp16": True}, ["train.fp16: fp16 mixed precision needs a CUDA GPU (on CPU use bf16 or neither)"]),
+    (
+        {"deepspeed": "conf/base/deepspeed/nope.json"},
+        [
+            "train.deepspeed: no DeepSpeed config at conf/base/deepspeed/nope.json",
+            "train.deepspeed: needs the deepspeed package",
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize(("params", "_", "expected"), INVALID)
+def test_invalid_combinations_fail_with_every_problem(params, _, expected):
+    with pytest.raises(ConfigError) as info:
+        parse_config(TrainConfig, params, "train")
+    assert info.value.problems == expected
+
+
+@pytest.mark.parametrize(("params", "expected"), ENVIRONMENT)
+def test_environment_checks_name_each_problem(params, expected):
+    assert environment_problems(TrainConfig(**params), cuda=False) == expected
+
+
+def test_zero3_with_8bit_is_refused(tmp_path):
+    config = tmp_path / "z3.json"
+    config.write_text('{"zero_optimization": {"stage": 3}}')
+    problems = environment_problems(TrainConfig(quantization_bit=8, deepspeed=str(config)), cuda=False)
+    assert "train.deepspeed: ZeRO-3 cannot shard 8-bit quantized weights (use quantization_bit 4 or ZeRO-2)" in problems
