@@ -54,6 +54,7 @@ def project(tmp_path_factory, model_cache):
 def test_training_lowers_the_loss(project):
     root, _ = project
     summary = json.loads((root / "data/08_reporting/training_summary.json").read_text())
+    assert (root / "data/08_reporting/training_loss.png").read_bytes()[:4] == b"\x89PNG"
     assert summary["global_steps"] == 41  # 324 training examples, batch 8, one epoch
     assert summary["last_loss"] < summary["first_loss"] - 2.0, summary
 
@@ -98,6 +99,10 @@ def test_mlflow_holds_parameters_loss_history_and_merged_model(project):
     assert len(history) == 41 and [m.step for m in history] == list(range(1, 42))
     assert history[-1].value < history[0].value
     assert sft.data.metrics["validate.rejected"] == 2.0
+    assert len(client.get_metric_history(sft.info.run_id, "learning_rate")) == 41
+    assert len(client.get_metric_history(sft.info.run_id, "grad_norm")) == 41
+    assert sft.data.metrics["train.tokens_per_second"] > 0
+    assert "training_loss.png" in {a.path for a in client.list_artifacts(sft.info.run_id)}
     merged = {a.path for a in client.list_artifacts(runs["merge"].info.run_id, "merged_model")}
     assert {"merged_model/model.safetensors", "merged_model/config.json", "merged_model/tokenizer.json"} <= merged
 

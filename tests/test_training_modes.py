@@ -148,3 +148,12 @@ def test_zero3_with_8bit_is_refused(tmp_path):
     config.write_text('{"zero_optimization": {"stage": 3}}')
     problems = environment_problems(TrainConfig(quantization_bit=8, deepspeed=str(config)), cuda=False)
     assert "train.deepspeed: ZeRO-3 cannot shard 8-bit quantized weights (use quantization_bit 4 or ZeRO-2)" in problems
+
+
+def test_smoothing_follows_llamafactory_plot_loss():
+    from qwen_pipeline.pipelines.train.nodes import plot_loss, smooth
+
+    # weight = 1.8 * (sigmoid(0.05 * 2) - 0.5) = 0.044962
+    assert smooth([4.0, 2.0]) == pytest.approx([4.0, 4 * 0.044962 + 0.955038 * 2], abs=1e-5)
+    figure = plot_loss({1: 4.0, 2: 2.0, 3: 1.0})
+    assert [line.get_label() for line in figure.axes[0].lines] == ["original", "smoothed"]

@@ -160,6 +160,7 @@ def run_sft(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig
         if "loss" in entry
     ]
     label_tokens = sum(sum(1 for x in labels if x != -100) for labels in dataset["train"]["labels"])
+    input_tokens = sum(len(ids) for ids in dataset["train"]["input_ids"])  # non-padding
     epochs = min(args.num_train_epochs, trainer.state.epoch or 0.0)
     summary = {
         "train_runtime_s": round(seconds, 2),
@@ -169,6 +170,8 @@ def run_sft(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig
         "last_loss": history[-1]["loss"] if history else math.nan,
         "epochs": float(epochs),
         "label_tokens_per_epoch": label_tokens,
+        # non-padding tokens seen per second (the examples of each step, over the whole run)
+        "tokens_per_second": round(input_tokens * epochs / seconds, 1) if seconds else 0.0,
         "trainable_parameters": trainable,
     }
     if "validation" in dataset:

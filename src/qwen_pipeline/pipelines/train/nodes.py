@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from datasets import DatasetDict
@@ -14,8 +15,8 @@ from ...training.recipe import run_sft
 
 def train_model(
     sft_dataset: DatasetDict, model_params: dict[str, Any], params: dict[str, Any]
-) -> tuple[ModelBundle, dict[int, float], dict[str, Any], dict[str, Any]]:
-    """Returns the trained adapter, the per-step loss, a summary and its metrics for MLflow."""
+) -> tuple[ModelBundle, dict[int, float], dict[str, list], dict[str, Any], dict[str, Any], Any]:
+    """The trained model, per-step loss, learning-rate and grad-norm curves, a summary, its metrics, a loss plot."""
     model_config = parse_config(ModelConfig, model_params, "model")
     config = parse_config(TrainConfig, params, "train")
     if problems := environment_problems(config):  # before any model is loaded
@@ -32,9 +33,43 @@ def train_model(
         },
     )
     loss_history = {int(entry["step"]): entry["loss"] for entry in result.history}
+    curves = {
+        key: [{"value": entry[key], "step": int(entry["step"])} for entry in result.history if key in entry]
+        for key in ("learning_rate", "grad_norm")
+    }
     metrics = {
         key: {"value": float(value), "step": 0}
         for key, value in result.summary.items()
         if isinstance(value, (int, float))
     }
-    return bundle, loss_history, result.summary, metrics
+    return bundle, loss_history, curves, result.summary, metrics, plot_loss(loss_history)
+
+
+def smooth(values: list[float]) -> list[float]:
+    """Exponential moving average whose weight grows with the number of points (LLaMA-Factory's plot_loss)."""
+    if not values:
+        return []
+    weight = 1.8 * (1 / (1 + math.exp(-0.05 * len(values))) - 0.5)
+    smoothed, last = [], values[0]
+    for value in values:
+        last = last * weight + (1 - weight) * value
+        smoothed.append(last)
+    return smoothed
+
+
+def plot_loss(loss_history: dict[int, float]):
+    """Training loss per step, raw and smoothed, as a matplotlib figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    steps, losses = list(loss_history), list(loss_history.values())
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.plot(steps, losses, color="#1f77b4", alpha=0.4, label="original")
+    axes.plot(steps, smooth(losses), color="#1f77b4", label="smoothed")
+    axes.set(title="training loss", xlabel="step", ylabel="loss")
+    axes.legend()
+    figure.tight_layout()
+    plt.close(figure)
+    return figure

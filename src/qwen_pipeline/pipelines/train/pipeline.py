@@ -9,7 +9,14 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 func=train_model,
                 inputs=["sft_dataset", "params:model", "params:train"],
-                outputs=["trained_model", "train_loss_history", "training_summary", "training_metrics"],
+                outputs=[
+                    "trained_model",
+                    "train_loss_history",
+                    "training_curves",
+                    "training_summary",
+                    "training_metrics",
+                    "loss_plot",
+                ],
                 name="train_model_node",
             )
         ]
