@@ -87,3 +87,24 @@ def test_model_name_or_path_forms(embedded_dir):
     assert resolve_model_path(EMBEDDED_MODEL) == str(embedded_dir)
     assert resolve_model_path("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"  # hub ids pass through
     assert load_tokenizer(str(embedded_dir))("Hello")["input_ids"] == [9707]  # a local directory
+
+
+@pytest.mark.parametrize(
+    ("name", "stage", "offload"),
+    [("zero0", 0, False), ("zero2", 2, False), ("zero2_offload", 2, True), ("zero3", 3, False), ("zero3_offload", 3, True)],
+)
+def test_shipped_deepspeed_configs(name, stage, offload):
+    import json
+
+    from qwen_pipeline.training.checks import environment_problems
+
+    path = CONF / "base" / "deepspeed" / f"{name}.json"
+    config = json.loads(path.read_text())
+    assert config["zero_optimization"]["stage"] == stage
+    assert ("offload_optimizer" in config["zero_optimization"]) == offload
+    # batch sizes, accumulation, clipping and precision come from the train parameters
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+        assert config[key] == "auto"
+    train = parse_config(TrainConfig, {"deepspeed": str(path)}, "train")
+    problems = environment_problems(train, cuda=False)
+    assert all("no DeepSpeed config" not in p and "not valid JSON" not in p for p in problems)
