@@ -45,7 +45,7 @@ def test_all_problems_are_collected_and_named():
         parse_config(TrainConfig, {"lerning_rate": 1e-4, "lora_rank": "8", "finetuning_type": "qlora"}, "train")
     assert info.value.problems == [
         "train.lerning_rate: unknown parameter (did you mean 'learning_rate'?)",
-        "train.finetuning_type: expected one of 'lora', got 'qlora'",
+        "train.finetuning_type: expected one of 'lora', 'full', 'freeze', got 'qlora'",
         "train.lora_rank: expected int, got '8'",
     ]
 
