@@ -91,7 +91,13 @@ def test_model_name_or_path_forms(embedded_dir):
 
 @pytest.mark.parametrize(
     ("name", "stage", "offload"),
-    [("zero0", 0, False), ("zero2", 2, False), ("zero2_offload", 2, True), ("zero3", 3, False), ("zero3_offload", 3, True)],
+    [
+        ("zero0", 0, False),
+        ("zero2", 2, False),
+        ("zero2_offload", 2, True),
+        ("zero3", 3, False),
+        ("zero3_offload", 3, True),
+    ],
 )
 def test_shipped_deepspeed_configs(name, stage, offload):
     import json
@@ -103,7 +109,12 @@ def test_shipped_deepspeed_configs(name, stage, offload):
     assert config["zero_optimization"]["stage"] == stage
     assert ("offload_optimizer" in config["zero_optimization"]) == offload
     # batch sizes, accumulation, clipping and precision come from the train parameters
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+    for key in (
+        "train_batch_size",
+        "train_micro_batch_size_per_gpu",
+        "gradient_accumulation_steps",
+        "gradient_clipping",
+    ):
         assert config[key] == "auto"
     train = parse_config(TrainConfig, {"deepspeed": str(path)}, "train")
     problems = environment_problems(train, cuda=False)

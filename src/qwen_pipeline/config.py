@@ -194,7 +194,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     flash_attn: Literal["auto", "sdpa", "fa2", "disabled"] = "auto"  # auto = transformers' default (sdpa)
     deepspeed: str | None = None  # a DeepSpeed JSON config path
-    output_dir: str = "data/06_models/checkpoints"  # Trainer scratch space (checkpoints, logs)
+    save_steps: int = 0  # checkpoint every N optimizer steps (0: no checkpoints)
+    save_total_limit: int | None = 2  # keep at most this many checkpoints
+    overwrite_output_dir: bool = False  # start over instead of resuming from the last complete checkpoint
+    output_dir: str = "data/06_models/checkpoints"  # checkpoints, one folder per run configuration
 
     def problems(self) -> list[str]:
         found = []
@@ -215,6 +218,8 @@ class TrainConfig:
             )
         if self.bf16 and self.fp16:
             found.append("fp16: choose bf16 or fp16, not both")
+        if self.save_steps < 0:
+            found.append(f"save_steps: must be 0 (no checkpoints) or positive, got {self.save_steps}")
         if self.freeze_trainable_layers == 0:
             found.append("freeze_trainable_layers: must not be 0")
         return found

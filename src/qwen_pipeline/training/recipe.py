@@ -6,10 +6,15 @@ thin launcher beside this file, not in here.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -93,6 +98,40 @@ def wrap(model, config: TrainConfig):
     return model  # full: every parameter trains
 
 
+def checkpoint_dir(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig) -> Path:
+    """One checkpoint folder per (data, model, hyperparameters): a rerun of the same command
+    resumes; a changed one starts fresh instead of resuming someone else's optimizer state."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("overwrite_output_dir", "output_dir")}
+    key = json.dumps([data_fingerprint(dataset["train"]), dataclasses.asdict(model_config), settings], sort_keys=True)
+    return Path(config.output_dir) / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def data_fingerprint(split) -> str:
+    """Hash of the token ids and labels themselves (HF's own fingerprints differ between equal datasets)."""
+    import numpy as np
+    import pyarrow as pa
+
+    if split._indices is not None:
+        split = split.flatten_indices()
+    digest = hashlib.sha256()
+    for name in ("input_ids", "labels"):
+        column = pa.chunked_array(split.data.table.column(name)).combine_chunks()
+        digest.update(np.asarray(column.offsets).tobytes())
+        digest.update(np.asarray(column.flatten()).astype(np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def last_complete_checkpoint(run_dir: Path) -> str | None:
+    """The newest checkpoint with its trainer state written (the Trainer writes that last), if any,
+    unless the run it belongs to had already finished (then a rerun trains anew)."""
+    complete = [p for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    if not complete:
+        return None
+    newest = max(complete, key=lambda p: int(p.name.rsplit("-", 1)[-1]))
+    state = json.loads((newest / "trainer_state.json").read_text())
+    return None if state.get("global_step", 0) >= state.get("max_steps", 0) > 0 else str(newest)
+
+
 def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
@@ -119,8 +158,14 @@ def run_sft(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig
         "%s: %d trainable parameters of %d (%.3f%%)", config.finetuning_type, trainable, total, 100 * trainable / total
     )
     # Train
+    run_dir = checkpoint_dir(dataset, model_config, config)
+    resume = None if config.overwrite_output_dir else last_complete_checkpoint(run_dir)
+    if resume:
+        logger.info("Resuming from %s (train.overwrite_output_dir: true starts over)", resume)
+    elif run_dir.exists():
+        shutil.rmtree(run_dir)  # start over: no complete checkpoint, or asked to
     args = TrainingArguments(
-        output_dir=config.output_dir,
+        output_dir=str(run_dir),
         learning_rate=config.learning_rate,
         num_train_epochs=config.num_train_epochs,
         max_steps=config.max_steps,
@@ -137,7 +182,9 @@ def run_sft(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig
         bf16=config.bf16,
         fp16=config.fp16,
         deepspeed=config.deepspeed,
-        save_strategy="no",  # checkpoints and resume come with the launcher
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
+        save_total_limit=config.save_total_limit,
         report_to="none",  # the train node hands the history to kedro-mlflow
         remove_unused_columns=False,
         dataloader_num_workers=0,
@@ -152,7 +199,7 @@ def run_sft(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig
         data_collator=collator,
     )
     started = time.perf_counter()
-    output = trainer.train()
+    output = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
     history = [
         {k: float(entry[k]) for k in ("step", "loss", "learning_rate", "grad_norm") if k in entry}
@@ -165,6 +212,8 @@ def run_sft(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig
     summary = {
         "train_runtime_s": round(seconds, 2),
         "global_steps": trainer.state.global_step,
+        "resumed_from_step": int(resume.rsplit("-", 1)[-1]) if resume else 0,
+        "steps_this_run": trainer.state.global_step - (int(resume.rsplit("-", 1)[-1]) if resume else 0),
         "train_loss": float(output.training_loss),
         "first_loss": history[0]["loss"] if history else math.nan,
         "last_loss": history[-1]["loss"] if history else math.nan,
