@@ -189,11 +189,15 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     logging_steps: int = 1
     seed: int = 42
+    shuffle: bool = True  # shuffle the training examples each epoch (false: in dataset order)
     bf16: bool = False
     fp16: bool = False
     gradient_checkpointing: bool = False
     flash_attn: Literal["auto", "sdpa", "fa2", "disabled"] = "auto"  # auto = transformers' default (sdpa)
     deepspeed: str | None = None  # a DeepSpeed JSON config path
+    nproc_per_node: int = 1  # > 1: run under torchrun (env NPROC_PER_NODE wins)
+    nnodes: int = 1  # > 1: multi-node torchrun (env NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT)
+    ddp_timeout: int = 1800  # seconds a process waits for the others
     save_steps: int = 0  # checkpoint every N optimizer steps (0: no checkpoints)
     save_total_limit: int | None = 2  # keep at most this many checkpoints
     overwrite_output_dir: bool = False  # start over instead of resuming from the last complete checkpoint

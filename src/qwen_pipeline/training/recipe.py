@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -162,7 +163,7 @@ def run_sft(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig
     resume = None if config.overwrite_output_dir else last_complete_checkpoint(run_dir)
     if resume:
         logger.info("Resuming from %s (train.overwrite_output_dir: true starts over)", resume)
-    elif run_dir.exists():
+    elif run_dir.exists() and int(os.environ.get("RANK", "0")) == 0:
         shutil.rmtree(run_dir)  # start over: no complete checkpoint, or asked to
     args = TrainingArguments(
         output_dir=str(run_dir),
@@ -182,6 +183,8 @@ def run_sft(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig
         bf16=config.bf16,
         fp16=config.fp16,
         deepspeed=config.deepspeed,
+        ddp_timeout=config.ddp_timeout,
+        train_sampling_strategy="random" if config.shuffle else "sequential",
         save_strategy="steps" if config.save_steps else "no",
         save_steps=config.save_steps or 500,
         save_total_limit=config.save_total_limit,

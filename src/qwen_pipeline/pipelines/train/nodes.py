@@ -10,7 +10,7 @@ from datasets import DatasetDict
 from ...config import ConfigError, ModelConfig, TrainConfig, parse_config
 from ...datasets import ModelBundle
 from ...training.checks import environment_problems
-from ...training.recipe import run_sft
+from ...training.launcher import train
 
 
 def train_model(
@@ -21,7 +21,7 @@ def train_model(
     config = parse_config(TrainConfig, params, "train")
     if problems := environment_problems(config):  # before any model is loaded
         raise ConfigError(problems)
-    result = run_sft(sft_dataset, model_config, config)
+    result = train(sft_dataset, model_config, config)
     bundle = ModelBundle(
         model=result.model,
         tokenizer=result.tokenizer,
