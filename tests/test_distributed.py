@@ -14,6 +14,7 @@ from qwen_pipeline.pipelines.ingest.nodes import ingest_datasets
 from qwen_pipeline.pipelines.validate.nodes import validate_conversations
 from qwen_pipeline.template import TemplateOptions, encode_conversations
 from qwen_pipeline.training import launcher
+from qwen_pipeline.training.recipe import run_sft
 
 pytestmark = pytest.mark.slow
 RAW = Path(__file__).resolve().parents[1] / "data" / "01_raw" / "dataset_info.json"
@@ -37,11 +38,7 @@ def dataset(tokenizer):
 
 
 def test_two_torchrun_processes_train_and_hand_back_the_adapter(dataset, tmp_path, monkeypatch):
-    """The launcher runs the recipe under torchrun (gloo DDP, 2 CPU processes) and reads rank 0's result.
-
-    Not yet shown: per-step loss equality with one process (the Trainer logs rank 0's local loss;
-    see the closing note of the session that wrote this).
-    """
+    """The launcher runs the recipe under torchrun (gloo DDP, 2 CPU processes) and reads rank 0's result."""
     import torch
 
     monkeypatch.setenv("MASTER_PORT", "29517")
@@ -63,6 +60,32 @@ def test_two_torchrun_processes_train_and_hand_back_the_adapter(dataset, tmp_pat
         with result.model.disable_adapter():
             base = result.model(ids).logits
     assert float((trained - base).abs().max()) > 0.1
+
+
+def test_ddp_two_processes_give_the_losses_of_one(dataset, tmp_path, monkeypatch):
+    common = {
+        "learning_rate": 5e-3,
+        "max_steps": 4,
+        "gradient_accumulation_steps": 1,
+        "lr_scheduler_type": "constant",
+        "logging_steps": 1,
+        "shuffle": False,
+    }  # the same examples in each global batch
+    single = run_sft(
+        dataset, ModelConfig(), TrainConfig(per_device_train_batch_size=4, output_dir=str(tmp_path / "one"), **common)
+    )
+    monkeypatch.setenv("MASTER_PORT", "29519")
+    double = launcher.train(
+        dataset,
+        ModelConfig(),
+        TrainConfig(per_device_train_batch_size=2, nproc_per_node=2, output_dir=str(tmp_path / "two"), **common),
+    )
+    one = [h["loss"] for h in single.history]
+    two = [h["loss"] for h in double.history]
+    # Same examples, same token-weighted loss; only the order of fp32 sums differs (gloo all-reduce
+    # vs one batch), which moves the losses by ~1e-6 relative: 1e-4 leaves room, 1e-2 would not catch
+    # a mean-of-means loss (off by 5% on step 1 here).
+    assert len(two) == 4 and two == pytest.approx(one, rel=1e-4), (one, two)
 
 
 def test_worker_failure_is_a_clear_error(dataset, tmp_path, monkeypatch):

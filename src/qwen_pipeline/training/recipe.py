@@ -99,6 +99,19 @@ def wrap(model, config: TrainConfig):
     return model  # full: every parameter trains
 
 
+def token_mean_loss(outputs, labels, num_items_in_batch=None):
+    """Next-token loss summed over labelled positions, divided by the labelled tokens of the whole
+    global batch (all processes, all accumulation steps) when the Trainer provides that count, so
+    N processes x batch b train exactly like 1 process x batch N*b."""
+    import torch.nn.functional as F
+
+    logits = outputs.logits[:, :-1].float()
+    target = labels[:, 1:].to(logits.device)
+    total = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else (target != -100).sum()
+    return total / count
+
+
 def checkpoint_dir(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig) -> Path:
     """One checkpoint folder per (data, model, hyperparameters): a rerun of the same command
     resumes; a changed one starts fresh instead of resuming someone else's optimizer state."""
@@ -184,6 +197,9 @@ def run_sft(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig
         fp16=config.fp16,
         deepspeed=config.deepspeed,
         ddp_timeout=config.ddp_timeout,
+        # Without use_cpu, transformers treats torchrun CPU workers as separate single-process runs.
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend="gloo" if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         train_sampling_strategy="random" if config.shuffle else "sequential",
         save_strategy="steps" if config.save_steps else "no",
         save_steps=config.save_steps or 500,
@@ -200,6 +216,7 @@ def run_sft(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig
         train_dataset=dataset["train"],
         eval_dataset=dataset["validation"] if "validation" in dataset else None,
         data_collator=collator,
+        compute_loss_func=token_mean_loss,
     )
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume)
