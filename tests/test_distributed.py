@@ -93,3 +93,36 @@ def test_worker_failure_is_a_clear_error(dataset, tmp_path, monkeypatch):
     config = TrainConfig(nproc_per_node=2, max_steps=1, output_dir=str(tmp_path / "bad"))
     with pytest.raises(launcher.TrainingError, match=r"torchrun exited with code 1; the last lines of its workers"):
         launcher.train(dataset, ModelConfig(model_name_or_path=str(tmp_path / "no-such-model")), config)
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_deepspeed_two_processes_give_the_losses_of_one(zero, dataset, tmp_path, monkeypatch):
+    pytest.importorskip("deepspeed")
+    common = {
+        "learning_rate": 5e-3,
+        "max_steps": 4,
+        "gradient_accumulation_steps": 1,
+        "lr_scheduler_type": "constant",
+        "logging_steps": 1,
+        "shuffle": False,
+    }
+    single = run_sft(
+        dataset, ModelConfig(), TrainConfig(per_device_train_batch_size=4, output_dir=str(tmp_path / "one"), **common)
+    )
+    monkeypatch.setenv("MASTER_PORT", "29521" if zero == "zero2" else "29522")
+    deepspeed = str(Path(__file__).resolve().parents[1] / "conf" / "base" / "deepspeed" / f"{zero}.json")
+    double = launcher.train(
+        dataset,
+        ModelConfig(),
+        TrainConfig(
+            per_device_train_batch_size=2,
+            nproc_per_node=2,
+            deepspeed=deepspeed,
+            output_dir=str(tmp_path / "two"),
+            **common,
+        ),
+    )
+    one = [h["loss"] for h in single.history]
+    two = [h["loss"] for h in double.history]
+    # DeepSpeed's own Adam and fp32 partitioned reductions: same tolerance reasoning as DDP.
+    assert len(two) == 4 and two == pytest.approx(one, rel=1e-3), (one, two)

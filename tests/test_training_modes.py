@@ -125,7 +125,6 @@ ENVIRONMENT = [
         {"deepspeed": "conf/base/deepspeed/nope.json"},
         [
             "train.deepspeed: no DeepSpeed config at conf/base/deepspeed/nope.json",
-            "train.deepspeed: needs the deepspeed package",
         ],
     ),
 ]
@@ -139,8 +138,25 @@ def test_invalid_combinations_fail_with_every_problem(params, _, expected):
 
 
 @pytest.mark.parametrize(("params", "expected"), ENVIRONMENT)
-def test_environment_checks_name_each_problem(params, expected):
+def test_environment_checks_name_each_problem(params, expected, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "flash_attn" else real(name))
     assert environment_problems(TrainConfig(**params), cuda=False) == expected
+
+
+def test_missing_packages_are_named(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    problems = environment_problems(
+        TrainConfig(quantization_bit=4, deepspeed="conf/base/deepspeed/zero2.json"), cuda=False
+    )
+    assert problems == [
+        "train.quantization_bit: QLoRA needs the bitsandbytes package",
+        "train.deepspeed: needs the deepspeed package",
+    ]
 
 
 def test_zero3_with_8bit_is_refused(tmp_path):

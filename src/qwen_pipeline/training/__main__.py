@@ -23,9 +23,8 @@ def main(work: Path) -> None:
     configs = json.loads((work / "config.json").read_text())
     model_config = parse_config(ModelConfig, configs["model"], "model")
     config = parse_config(TrainConfig, configs["train"], "train")
-    result = run_sft(load_from_disk(str(work / "dataset")), model_config, config)
+    result = run_sft(load_from_disk(str(work / "dataset")), model_config, config, save_to=work / "model")
     if int(os.environ.get("RANK", "0")) == 0:  # rank-0-only work: write what the node reads back
-        result.model.save_pretrained(str(work / "model"))
         result.tokenizer.save_pretrained(str(work / "model"))
         (work / "result.json").write_text(json.dumps({"history": result.history, "summary": result.summary}))
 

@@ -151,7 +151,11 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def run_sft(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig) -> TrainResult:
+def run_sft(
+    dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig, *, save_to: Path | None = None
+) -> TrainResult:
+    """Train; with ``save_to`` (every rank must pass it) the Trainer also writes the model there,
+    gathering ZeRO-3 partitions first."""
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
     set_seed(config.seed)
@@ -221,6 +225,8 @@ def run_sft(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
+    if save_to is not None:
+        trainer.save_model(str(save_to))  # collective under DeepSpeed: all ranks call it
     history = [
         {k: float(entry[k]) for k in ("step", "loss", "learning_rate", "grad_norm") if k in entry}
         for entry in trainer.state.log_history
