@@ -67,7 +67,8 @@ def train(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig) 
     topology = Topology.from_config(config)
     if topology.world_size == 1:
         return run_sft(dataset, model_config, config)
-    with tempfile.TemporaryDirectory(prefix="qwen-train-") as tmp:
+    # Multi-node: put the work folder on storage every node sees (QWEN_PIPELINE_WORK_DIR).
+    with tempfile.TemporaryDirectory(prefix="qwen-train-", dir=os.environ.get("QWEN_PIPELINE_WORK_DIR")) as tmp:
         work = Path(tmp)
         dataset.save_to_disk(str(work / "dataset"))
         (work / "config.json").write_text(
@@ -75,6 +76,15 @@ def train(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig) 
         )
         command = topology.torchrun(work)
         logger.info("Launching %d training processes: %s", topology.world_size, " ".join(command))
+        if topology.nnodes > 1:
+            logger.info(
+                "On each other node, with NODE_RANK set to its rank, run: %s",
+                " ".join(
+                    Topology(
+                        topology.nproc_per_node, topology.nnodes, 0, topology.master_addr, topology.master_port
+                    ).torchrun(work)
+                ).replace("--node_rank=0", "--node_rank=$NODE_RANK"),
+            )
         _stream(command, _child_environment())
         return _read_result(work, model_config)
 
