@@ -63,6 +63,12 @@ def test_neat_packing_gives_the_loss_of_the_unpacked_examples(demo, tokenizer, e
             model(input_ids=flat["input_ids"], position_ids=flat["position_ids"]), flat["labels"]
         )
     assert float(packed_loss) == pytest.approx(float(unpacked_loss), abs=1e-5)
+    with torch.no_grad():  # and with logits only where the next token is learned
+        kept = model(
+            input_ids=flat["input_ids"], position_ids=flat["position_ids"], logits_to_keep=flat["logits_to_keep"]
+        )
+    assert kept.logits.shape[1] == int((flat["labels"][0, 1:] != -100).sum()) < flat["input_ids"].shape[1] / 2
+    assert float(token_mean_loss(kept, flat["labels"])) == pytest.approx(float(unpacked_loss), abs=1e-5)
 
 
 def test_second_example_of_a_bin_sees_only_itself(demo, embedded_dir):

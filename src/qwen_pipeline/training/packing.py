@@ -64,10 +64,15 @@ class FlatCollator:
             input_ids += list(f["input_ids"])
             labels += [IGNORE_INDEX] + list(f["labels"][1:])
             positions += list(f["position_ids"]) if "position_ids" in f else list(range(n))
+        labels_t = torch.tensor([labels])
+        # Only positions whose next token is learned need logits: over a 151,936-token vocabulary the
+        # output layer and its loss dominate a small model's step, and most positions are prompt.
+        keep = (labels_t[0, 1:] != IGNORE_INDEX).nonzero().flatten()
         return {
             "input_ids": torch.tensor([input_ids]),
-            "labels": torch.tensor([labels]),
+            "labels": labels_t,
             "position_ids": torch.tensor([positions]),
+            "logits_to_keep": keep,
         }
 
 

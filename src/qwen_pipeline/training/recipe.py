@@ -106,9 +106,14 @@ def token_mean_loss(outputs, labels, num_items_in_batch=None):
     N processes x batch b train exactly like 1 process x batch N*b."""
     import torch.nn.functional as F
 
-    logits = outputs.logits[:, :-1].float()
-    target = labels[:, 1:].to(logits.device)
-    total = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum")
+    if outputs.logits.shape[1] == labels.shape[1]:
+        logits = outputs.logits[:, :-1].float().flatten(0, 1)
+        target = labels[:, 1:].flatten().to(logits.device)
+    else:  # logits kept only where the next token is learned (FlatCollator's logits_to_keep)
+        logits = outputs.logits[0].float()
+        shifted = labels[0, 1:].to(logits.device)
+        target = shifted[shifted != -100]
+    total = F.cross_entropy(logits, target, ignore_index=-100, reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else (target != -100).sum()
     return total / count
 
