@@ -46,6 +46,7 @@ MODES = {
     "dora": {"finetuning_type": "lora", "use_dora": True},
     "rslora": {"finetuning_type": "lora", "use_rslora": True},
     "qlora_4bit": {"finetuning_type": "lora", "quantization_bit": 4},
+    "qlora_8bit": {"finetuning_type": "lora", "quantization_bit": 8},
     "lora_neat_packing": {
         "finetuning_type": "lora",
         "neat_packing": True,
@@ -180,3 +181,10 @@ def test_smoothing_follows_llamafactory_plot_loss():
     assert smooth([4.0, 2.0]) == pytest.approx([4.0, 4 * 0.044962 + 0.955038 * 2], abs=1e-5)
     figure = plot_loss({1: 4.0, 2: 2.0, 3: 1.0})
     assert [line.get_label() for line in figure.axes[0].lines] == ["original", "smoothed"]
+
+
+def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert environment_problems(TrainConfig(bf16=True), cuda=True) == [
+        "train.bf16: this GPU does not support bf16 (use fp16)"
+    ]

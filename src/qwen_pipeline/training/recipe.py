@@ -240,6 +240,8 @@ def run_sft(
         data_collator=collator,
         compute_loss_func=token_mean_loss,
     )
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
@@ -267,6 +269,11 @@ def run_sft(
         "tokens_per_second": round(input_tokens * epochs / seconds, 1) if seconds else 0.0,
         "trainable_parameters": trainable,
         **{f"batching_{k}": v for k, v in batching.items()},
+        **(
+            {"peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
+            if torch.cuda.is_available()
+            else {}
+        ),
     }
     if "validation" in dataset:
         summary["eval_loss"] = float(trainer.evaluate()["eval_loss"])
