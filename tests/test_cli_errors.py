@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import copy_project
 
 pytestmark = pytest.mark.slow
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -17,15 +17,7 @@ GOOD = {"instruction": "q", "input": "", "output": "a"}
 
 
 def project_with(tmp_path: Path, files: dict[str, str]) -> Path:
-    root = tmp_path / "project"
-    for name in ("pyproject.toml", ".telemetry", "conf", "src"):
-        src = PROJECT_ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__", "local"))
-        else:
-            root.mkdir(exist_ok=True)
-            shutil.copy(src, root / name)
-    (root / "conf" / "local").mkdir()
+    root = copy_project(tmp_path / "project", demo_data=False)
     raw = root / "data" / "01_raw"
     raw.mkdir(parents=True)
     for name, text in files.items():

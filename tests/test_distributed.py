@@ -5,36 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from datasets import Dataset, DatasetDict
+from helpers import demo_sft_dataset
 
 from qwen_pipeline.config import ModelConfig, TrainConfig
-from qwen_pipeline.conversation import Conversation
-from qwen_pipeline.datasets import DatasetInfoDataset
-from qwen_pipeline.pipelines.ingest.nodes import ingest_datasets
-from qwen_pipeline.pipelines.validate.nodes import validate_conversations
-from qwen_pipeline.template import TemplateOptions, encode_conversations
 from qwen_pipeline.training import launcher
 from qwen_pipeline.training.recipe import run_sft
 
 pytestmark = pytest.mark.slow
-RAW = Path(__file__).resolve().parents[1] / "data" / "01_raw" / "dataset_info.json"
 
 
 @pytest.fixture(scope="module")
 def dataset(tokenizer):
-    records, _ = ingest_datasets(
-        DatasetInfoDataset(filepath=str(RAW)).load(), {"dataset": ["alpaca_demo"], "max_samples": 32}
-    )
-    kept, _, _, _ = validate_conversations(records, {})
-    encoded = encode_conversations(
-        [Conversation.from_dict(c) for c in kept], tokenizer, TemplateOptions(cutoff_len=128)
-    )
-    rows = {
-        "input_ids": [e.input_ids for e in encoded],
-        "attention_mask": [[1] * len(e.input_ids) for e in encoded],
-        "labels": [e.labels for e in encoded],
-    }
-    return DatasetDict({"train": Dataset.from_dict(rows)})
+    return demo_sft_dataset(tokenizer, max_samples=32)
 
 
 def test_two_torchrun_processes_train_and_hand_back_the_adapter(dataset, tmp_path, monkeypatch):

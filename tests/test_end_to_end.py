@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import copy_project
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,15 +37,7 @@ def kedro(root: Path, *args: str, cache: Path) -> str:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, model_cache):
-    root = tmp_path_factory.mktemp("project")
-    for name in ("pyproject.toml", ".telemetry", "conf", "src", "data/01_raw"):
-        src, dst = PROJECT_ROOT / name, root / name
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "local"))
-        else:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, dst)
-    (root / "conf" / "local").mkdir()
+    root = copy_project(tmp_path_factory.mktemp("project"))
     logs = {"sft": kedro(root, "run", "--pipeline", "sft", cache=model_cache)}
     logs["merge"] = kedro(root, "run", "--pipeline", "merge", cache=model_cache)
     return root, logs

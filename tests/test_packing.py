@@ -2,35 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from datasets import Dataset
+from helpers import demo_examples
 from transformers import DataCollatorForSeq2Seq
 
-from qwen_pipeline.conversation import Conversation
-from qwen_pipeline.datasets import DatasetInfoDataset
 from qwen_pipeline.models import EMBEDDED_MODEL, load_causal_lm
-from qwen_pipeline.pipelines.ingest.nodes import ingest_datasets
-from qwen_pipeline.pipelines.validate.nodes import validate_conversations
-from qwen_pipeline.template import TemplateOptions, encode_conversations
 from qwen_pipeline.training.packing import FlatCollator, pack, padding_share
 from qwen_pipeline.training.recipe import token_mean_loss
-
-RAW = Path(__file__).resolve().parents[1] / "data" / "01_raw" / "dataset_info.json"
 
 
 @pytest.fixture(scope="module")
 def demo(tokenizer):
-    records, _ = ingest_datasets(
-        DatasetInfoDataset(filepath=str(RAW)).load(), {"dataset": ["alpaca_demo", "sharegpt_demo"]}
-    )
-    kept, _, _, _ = validate_conversations(records, {})
-    encoded = encode_conversations(
-        [Conversation.from_dict(c) for c in kept], tokenizer, TemplateOptions(cutoff_len=512)
-    )
-    return Dataset.from_dict({"input_ids": [e.input_ids for e in encoded], "labels": [e.labels for e in encoded]})
+    return demo_examples(tokenizer, datasets=("alpaca_demo", "sharegpt_demo"), cutoff_len=512)
 
 
 def test_bins_hold_every_example_once_within_the_length(demo):

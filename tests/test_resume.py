@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import copy_project
 
 pytestmark = pytest.mark.slow
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -28,15 +28,7 @@ COMMAND = [
 
 
 def test_killed_run_resumes_without_a_gap(tmp_path, model_cache):
-    root = tmp_path / "project"
-    for name in ("pyproject.toml", ".telemetry", "conf", "src", "data/01_raw"):
-        src = PROJECT_ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__", "local"))
-        else:
-            root.mkdir(exist_ok=True)
-            shutil.copy(src, root / name)
-    (root / "conf" / "local").mkdir()
+    root = copy_project(tmp_path / "project")
     env = {**os.environ, "QWEN_PIPELINE_CACHE": str(model_cache), "KEDRO_DISABLE_TELEMETRY": "true"}
     first = subprocess.Popen(COMMAND, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600

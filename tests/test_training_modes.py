@@ -2,41 +2,22 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from datasets import Dataset, DatasetDict
+from helpers import demo_sft_dataset
 
 from qwen_pipeline.config import ConfigError, ModelConfig, TrainConfig, parse_config
-from qwen_pipeline.conversation import Conversation
-from qwen_pipeline.datasets import DatasetInfoDataset, ModelBundle, ModelDataset
+from qwen_pipeline.datasets import ModelBundle, ModelDataset
 from qwen_pipeline.models import EMBEDDED_MODEL
-from qwen_pipeline.pipelines.ingest.nodes import ingest_datasets
-from qwen_pipeline.pipelines.validate.nodes import validate_conversations
-from qwen_pipeline.template import TemplateOptions, encode_conversations
 from qwen_pipeline.training.checks import environment_problems
 from qwen_pipeline.training.recipe import run_sft
 
-RAW = Path(__file__).resolve().parents[1] / "data" / "01_raw" / "dataset_info.json"
 IDS = torch.tensor([[151644, 872, 198, 3838, 374, 220, 17, 5519, 220, 18, 30, 151645, 198, 151644, 77091, 198]])
 
 
 @pytest.fixture(scope="module")
 def small_dataset(tokenizer):
-    records, _ = ingest_datasets(
-        DatasetInfoDataset(filepath=str(RAW)).load(), {"dataset": ["alpaca_demo"], "max_samples": 24}
-    )
-    kept, _, _, _ = validate_conversations(records, {})
-    encoded = encode_conversations(
-        [Conversation.from_dict(c) for c in kept], tokenizer, TemplateOptions(cutoff_len=128)
-    )
-    rows = {
-        "input_ids": [e.input_ids for e in encoded],
-        "attention_mask": [[1] * len(e.input_ids) for e in encoded],
-        "labels": [e.labels for e in encoded],
-    }
-    return DatasetDict({"train": Dataset.from_dict(rows)})
+    return demo_sft_dataset(tokenizer, max_samples=24)
 
 
 MODES = {
