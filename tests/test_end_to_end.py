@@ -91,8 +91,8 @@ def test_mlflow_holds_parameters_loss_history_and_merged_model(project):
     assert len(history) == 41 and [m.step for m in history] == list(range(1, 42))
     assert history[-1].value < history[0].value
     assert sft.data.metrics["validate.rejected"] == 2.0
-    assert len(client.get_metric_history(sft.info.run_id, "learning_rate")) == 41
-    assert len(client.get_metric_history(sft.info.run_id, "grad_norm")) == 41
+    assert len(client.get_metric_history(sft.info.run_id, "train.learning_rate")) == 41
+    assert len(client.get_metric_history(sft.info.run_id, "train.grad_norm")) == 41
     assert sft.data.metrics["train.tokens_per_second"] > 0
     assert "training_loss.png" in {a.path for a in client.list_artifacts(sft.info.run_id)}
     merged = {a.path for a in client.list_artifacts(runs["merge"].info.run_id, "merged_model")}
