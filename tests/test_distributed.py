@@ -44,55 +44,35 @@ def test_two_torchrun_processes_train_and_hand_back_the_adapter(dataset, tmp_pat
     assert float((trained - base).abs().max()) > 0.1
 
 
-def test_ddp_two_processes_give_the_losses_of_one(dataset, tmp_path, monkeypatch):
-    common = {
-        "learning_rate": 5e-3,
-        "max_steps": 4,
-        "gradient_accumulation_steps": 1,
-        "lr_scheduler_type": "constant",
-        "logging_steps": 1,
-        "shuffle": False,
-    }  # the same examples in each global batch
-    single = run_sft(
-        dataset, ModelConfig(), TrainConfig(per_device_train_batch_size=4, output_dir=str(tmp_path / "one"), **common)
+COMMON = {
+    "learning_rate": 5e-3,
+    "max_steps": 4,
+    "gradient_accumulation_steps": 1,
+    "lr_scheduler_type": "constant",
+    "logging_steps": 1,
+    "shuffle": False,  # the same examples in each global batch
+}
+
+
+@pytest.fixture(scope="module")
+def one_process_losses(dataset, tmp_path_factory):
+    """The reference: one process, batch 4 (computed once for DDP, ZeRO-2 and ZeRO-3)."""
+    out = tmp_path_factory.mktemp("one")
+    single = run_sft(dataset, ModelConfig(), TrainConfig(per_device_train_batch_size=4, output_dir=str(out), **COMMON))
+    return [h["loss"] for h in single.history]
+
+
+# Same examples, same token-weighted loss; only the order of fp32 sums differs (gloo all-reduce vs one
+# batch; DeepSpeed's partitioned reductions and its own Adam), which moves the losses by ~1e-6 relative.
+# 1e-4 (DDP) and 1e-3 (DeepSpeed) leave room; a mean-of-means loss would be 5% off on step 1 here.
+@pytest.mark.parametrize(("zero", "port", "rel"), [(None, 29519, 1e-4), ("zero2", 29521, 1e-3), ("zero3", 29522, 1e-3)])
+def test_two_processes_give_the_losses_of_one(zero, port, rel, dataset, one_process_losses, tmp_path, monkeypatch):
+    if zero:
+        pytest.importorskip("deepspeed")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    deepspeed = (
+        str(Path(__file__).resolve().parents[1] / "conf" / "base" / "deepspeed" / f"{zero}.json") if zero else None
     )
-    monkeypatch.setenv("MASTER_PORT", "29519")
-    double = launcher.train(
-        dataset,
-        ModelConfig(),
-        TrainConfig(per_device_train_batch_size=2, nproc_per_node=2, output_dir=str(tmp_path / "two"), **common),
-    )
-    one = [h["loss"] for h in single.history]
-    two = [h["loss"] for h in double.history]
-    # Same examples, same token-weighted loss; only the order of fp32 sums differs (gloo all-reduce
-    # vs one batch), which moves the losses by ~1e-6 relative: 1e-4 leaves room, 1e-2 would not catch
-    # a mean-of-means loss (off by 5% on step 1 here).
-    assert len(two) == 4 and two == pytest.approx(one, rel=1e-4), (one, two)
-
-
-def test_worker_failure_is_a_clear_error(dataset, tmp_path, monkeypatch):
-    monkeypatch.setenv("MASTER_PORT", "29518")
-    config = TrainConfig(nproc_per_node=2, max_steps=1, output_dir=str(tmp_path / "bad"))
-    with pytest.raises(launcher.TrainingError, match=r"torchrun exited with code 1; the last lines of its workers"):
-        launcher.train(dataset, ModelConfig(model_name_or_path=str(tmp_path / "no-such-model")), config)
-
-
-@pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_deepspeed_two_processes_give_the_losses_of_one(zero, dataset, tmp_path, monkeypatch):
-    pytest.importorskip("deepspeed")
-    common = {
-        "learning_rate": 5e-3,
-        "max_steps": 4,
-        "gradient_accumulation_steps": 1,
-        "lr_scheduler_type": "constant",
-        "logging_steps": 1,
-        "shuffle": False,
-    }
-    single = run_sft(
-        dataset, ModelConfig(), TrainConfig(per_device_train_batch_size=4, output_dir=str(tmp_path / "one"), **common)
-    )
-    monkeypatch.setenv("MASTER_PORT", "29521" if zero == "zero2" else "29522")
-    deepspeed = str(Path(__file__).resolve().parents[1] / "conf" / "base" / "deepspeed" / f"{zero}.json")
     double = launcher.train(
         dataset,
         ModelConfig(),
@@ -101,10 +81,15 @@ def test_deepspeed_two_processes_give_the_losses_of_one(zero, dataset, tmp_path,
             nproc_per_node=2,
             deepspeed=deepspeed,
             output_dir=str(tmp_path / "two"),
-            **common,
+            **COMMON,
         ),
     )
-    one = [h["loss"] for h in single.history]
     two = [h["loss"] for h in double.history]
-    # DeepSpeed's own Adam and fp32 partitioned reductions: same tolerance reasoning as DDP.
-    assert len(two) == 4 and two == pytest.approx(one, rel=1e-3), (one, two)
+    assert len(two) == 4 and two == pytest.approx(one_process_losses, rel=rel), (one_process_losses, two)
+
+
+def test_worker_failure_is_a_clear_error(dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("MASTER_PORT", "29518")
+    config = TrainConfig(nproc_per_node=2, max_steps=1, output_dir=str(tmp_path / "bad"))
+    with pytest.raises(launcher.TrainingError, match=r"torchrun exited with code 1; the last lines of its workers"):
+        launcher.train(dataset, ModelConfig(model_name_or_path=str(tmp_path / "no-such-model")), config)
