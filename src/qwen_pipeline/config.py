@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -239,17 +240,52 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MergeConfig:
-    """``params:merge``: merging the adapter into the base and checking the result."""
+    """``params:merge``: the adapter merged into the base and exported (LLaMA-Factory's export_* names)."""
 
-    max_shard_size: str = "2GB"  # size of each safetensors shard
-    check_tolerance: float = 1.0e-4  # max |merged - (base + adapter)| logit difference allowed
-    check_text: str = "Merging must not change what the model says. 合并后的模型必须给出相同的结果。"
+    export_size: float = 5.0  # GB (10^9 bytes) per weight shard; more weights give more shards
+    export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: the base model's own dtype
+    export_device: str = "cpu"  # where the merge arithmetic runs: cpu, auto (cuda when present), cuda, cuda:N
+    export_legacy_format: bool = False  # write pytorch_model*.bin instead of safetensors
+    method: Literal["auto", "streamed", "in_memory"] = "auto"  # auto: streamed, tensor by tensor, when possible
+    check_tolerance: float | None = None  # max |logit diff|; null: 1e-4 (float32), 2% of the logit range (16-bit)
+    check_texts: list[str] = dataclasses.field(
+        default_factory=lambda: [
+            "Merging must not change what the model says.",
+            "合并后的模型必须给出相同的结果。",
+        ]
+    )
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.export_size <= 0:
+            found.append(f"export_size: must be positive (GB per shard), got {self.export_size}")
+        if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", self.export_device):
+            found.append(f"export_device: cpu, auto, cuda or cuda:N, got {self.export_device!r}")
+        if self.check_tolerance is not None and self.check_tolerance <= 0:
+            found.append(f"check_tolerance: must be positive, got {self.check_tolerance}")
+        if not self.check_texts or not all(t.strip() for t in self.check_texts):
+            found.append("check_texts: give at least one non-empty text")
+        return found
 
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateConfig:
-    """``params:evaluate``: eval loss on the validation split and a few greedy generations."""
+    """``params:evaluate``: eval loss and generation metrics, base model beside the fine-tuned one."""
 
-    batch_size: int = 4
-    num_generations: int = 4  # validation examples to generate answers for
-    max_new_tokens: int = 32
+    batch_size: int = 4  # examples per forward pass / generate call
+    max_samples: int | None = None  # validation examples to generate answers for (null: all)
+    max_new_tokens: int = 128  # generation length limit
+    do_sample: bool = False  # false: greedy, deterministic
+    temperature: float = 0.95  # used only when do_sample
+    top_p: float = 0.7  # used only when do_sample
+    seed: int = 42  # used only when do_sample
+    compare_base: bool = True  # evaluate the base model too, beside the fine-tuned one
+
+    def problems(self) -> list[str]:
+        found = []
+        for key in ("batch_size", "max_new_tokens"):
+            if getattr(self, key) < 1:
+                found.append(f"{key}: must be positive, got {getattr(self, key)}")
+        if self.max_samples is not None and self.max_samples < 0:
+            found.append(f"max_samples: must be 0 or more, got {self.max_samples}")
+        return found

@@ -177,6 +177,22 @@ def resolve_model_path(model_name_or_path: str) -> str:
     return model_name_or_path
 
 
+def local_model_dir(model_name_or_path: str) -> Path:
+    """The local directory holding a model: the embedded one, a directory, or a hub id already downloaded."""
+    path = Path(resolve_model_path(model_name_or_path))
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model_name_or_path, local_files_only=True))
+    except Exception as error:  # noqa: BLE001 - any failure means "not here"
+        raise FileNotFoundError(
+            f"model {model_name_or_path!r} is neither a local directory nor in the Hugging Face cache "
+            f"(no network is used: download it first, or point model.model_name_or_path at a directory)"
+        ) from error
+
+
 def load_tokenizer(model_name_or_path: str, *, trust_remote_code: bool = False, use_fast: bool = True):
     from transformers import AutoTokenizer
 

@@ -28,7 +28,39 @@ class ModelBundle:
     info: dict[str, Any] = field(default_factory=dict)  # anything else worth recording
 
 
-class ModelDataset(AbstractDataset[ModelBundle, ModelBundle]):
+@dataclass
+class ModelFiles:
+    """A model directory and its manifest, weights not read: a node loads them when, and as far as, it needs
+    (as Kedro's lazy partitions). Saving one moves its (staged) directory into the dataset's place."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def kind(self) -> str:  # "adapter" or "causal_lm"
+        return self.manifest["kind"]
+
+    @property
+    def base_model(self) -> str:
+        return self.manifest["base_model"]
+
+    def load_tokenizer(self):
+        from ..models import load_tokenizer
+
+        return load_tokenizer(str(self.path))
+
+    def load_model(self, dtype: str = "float32"):
+        """The model in memory: full weights, or the base with the adapter on top."""
+        from ..models import load_causal_lm
+
+        if self.kind == "causal_lm":
+            return load_causal_lm(str(self.path), dtype=dtype)
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(load_causal_lm(self.base_model, dtype=dtype), str(self.path))
+
+
+class ModelDataset(AbstractDataset[ModelBundle | ModelFiles, ModelBundle | ModelFiles]):
     """Saves and loads a model directory written with ``save_pretrained``.
 
     Example catalog entry::
@@ -40,6 +72,15 @@ class ModelDataset(AbstractDataset[ModelBundle, ModelBundle]):
           save_args:
             max_shard_size: 2GB
           mlflow_artifact_path: merged_model   # also log the directory to the active MLflow run
+
+        merged_model:
+          type: qwen_pipeline.datasets.ModelDataset
+          filepath: data/06_models/merged
+          lazy: true               # load() gives ModelFiles (directory + manifest), no weights read
+          mlflow_model:            # log it as an MLflow model, registered, with an alias
+            name: merged_model
+            registered_model_name: qwen_pipeline_merged
+            alias: candidate
 
     Saving writes into a temporary sibling and renames it into place, with the
     manifest written last, so an interrupted save never leaves a directory that
@@ -58,6 +99,8 @@ class ModelDataset(AbstractDataset[ModelBundle, ModelBundle]):
         save_args: dict[str, Any] | None = None,
         load_args: dict[str, Any] | None = None,
         mlflow_artifact_path: str | None = None,
+        mlflow_model: dict[str, str] | None = None,
+        lazy: bool = False,
         metadata: dict[str, Any] | None = None,
     ):
         if kind not in ("auto", "adapter", "causal_lm"):
@@ -67,6 +110,10 @@ class ModelDataset(AbstractDataset[ModelBundle, ModelBundle]):
         self._save_args = {**self.DEFAULT_SAVE_ARGS, **(save_args or {})}
         self._load_args = {**self.DEFAULT_LOAD_ARGS, **(load_args or {})}
         self._mlflow_artifact_path = mlflow_artifact_path
+        if mlflow_model is not None and not {"name", "registered_model_name"} <= set(mlflow_model):
+            raise DatasetError(f"ModelDataset {filepath}: mlflow_model needs name and registered_model_name")
+        self._mlflow_model = mlflow_model
+        self._lazy = lazy
         self.metadata = metadata
 
     def _describe(self) -> dict[str, Any]:
@@ -75,14 +122,20 @@ class ModelDataset(AbstractDataset[ModelBundle, ModelBundle]):
     def _exists(self) -> bool:
         return (self._filepath / MANIFEST).is_file()
 
-    def _save(self, data: ModelBundle) -> None:
+    def _save(self, data: ModelBundle | ModelFiles) -> None:
         target = self._filepath
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
         try:
-            data.model.save_pretrained(tmp, **self._save_args)
-            data.tokenizer.save_pretrained(tmp)
-            manifest = {"kind": self._kind_of(data.model), "base_model": data.base_model, **data.info}
+            if isinstance(data, ModelFiles):  # already written (staged): take it over
+                tmp.rmdir()
+                shutil.move(str(data.path), tmp)
+                manifest = dict(data.manifest)
+            else:
+                data.model.save_pretrained(tmp, **self._save_args)
+                data.tokenizer.save_pretrained(tmp)
+                manifest = {"kind": self._kind_of(data.model), "base_model": data.base_model, **data.info}
+            manifest.setdefault("mlflow_run_id", _active_run_id())
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
             old = None
             if target.exists():
@@ -94,7 +147,7 @@ class ModelDataset(AbstractDataset[ModelBundle, ModelBundle]):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         logger.info("Saved %s to %s", manifest["kind"], target)
-        self._log_to_mlflow()
+        self._log_to_mlflow(manifest)
 
     def _kind_of(self, model) -> str:
         if self._kind != "auto":
@@ -103,22 +156,29 @@ class ModelDataset(AbstractDataset[ModelBundle, ModelBundle]):
 
         return "adapter" if isinstance(model, PeftModel) else "causal_lm"
 
-    def _log_to_mlflow(self) -> None:
-        if not self._mlflow_artifact_path:
+    def _log_to_mlflow(self, manifest: dict[str, Any]) -> None:
+        if not (self._mlflow_artifact_path or self._mlflow_model):
             return
         import mlflow
 
         if mlflow.active_run() is None:
-            logger.warning("No active MLflow run: %s not logged as an artifact", self._filepath)
+            logger.warning("No active MLflow run: %s not logged", self._filepath)
             return
-        mlflow.log_artifacts(str(self._filepath), artifact_path=self._mlflow_artifact_path)
+        if self._mlflow_artifact_path:
+            mlflow.log_artifacts(str(self._filepath), artifact_path=self._mlflow_artifact_path)
+        if self._mlflow_model:
+            from ..tracking import log_model_directory
 
-    def _load(self) -> ModelBundle:
+            log_model_directory(self._filepath, manifest, **self._mlflow_model)
+
+    def _load(self) -> ModelBundle | ModelFiles:
         from ..models import load_causal_lm, load_tokenizer
 
         if not self._exists():
             raise DatasetError(f"{self._filepath}: no complete model directory here (no {MANIFEST})")
         manifest = json.loads((self._filepath / MANIFEST).read_text())
+        if self._lazy:
+            return ModelFiles(path=self._filepath, manifest=manifest)
         tokenizer = load_tokenizer(str(self._filepath))
         if manifest["kind"] == "causal_lm":
             model = load_causal_lm(str(self._filepath), **self._load_args)
@@ -129,3 +189,13 @@ class ModelDataset(AbstractDataset[ModelBundle, ModelBundle]):
             model = PeftModel.from_pretrained(base, str(self._filepath), is_trainable=False)
         info = {k: v for k, v in manifest.items() if k not in ("kind", "base_model")}
         return ModelBundle(model=model, tokenizer=tokenizer, base_model=manifest["base_model"], info=info)
+
+
+def _active_run_id() -> str | None:
+    """The MLflow run this model is saved in, when one is active (kedro-mlflow starts one per kedro run)."""
+    import sys
+
+    if "mlflow" not in sys.modules:
+        return None
+    run = sys.modules["mlflow"].active_run()
+    return run.info.run_id if run else None

@@ -1,21 +1,33 @@
-"""Evaluate: eval loss / perplexity on the validation split and a few greedy generations."""
+"""Evaluate: eval loss, perplexity and generation metrics on the validation split, for the fine-tuned
+model and the base model it started from, side by side.
+
+The models come as ``ModelFiles`` and are loaded one at a time inside each node, so the base and the
+fine-tuned model are never in memory together.
+"""
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 from typing import Any
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from datasets import DatasetDict
 
 from ...config import EvaluateConfig, parse_config
-from ...datasets import ModelBundle
+from ...datasets import ModelFiles
 from ...errors import DataError
+from ...metrics import METRICS, similarity_scores
+from ...models import load_causal_lm
 from ...template import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
+
+PREDICTION_COLUMNS = ["prompt", "predict", "label"]
+LOWER_IS_BETTER = {"eval_loss", "perplexity"}
 
 
 def _pad(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
@@ -27,11 +39,12 @@ def _pad(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
 def eval_loss(model, examples, batch_size: int) -> tuple[float, int]:
     """Mean next-token loss over labelled positions, weighted per token (not per batch)."""
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
-        input_ids = _pad(batch["input_ids"], 0)
-        attention = _pad(batch["attention_mask"], 0)
-        labels = _pad(batch["labels"], IGNORE_INDEX)
+        input_ids = _pad(batch["input_ids"], 0).to(device)
+        attention = _pad(batch["attention_mask"], 0).to(device)
+        labels = _pad(batch["labels"], IGNORE_INDEX).to(device)
         logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
         target = labels[:, 1:]
         total += float(
@@ -51,48 +64,113 @@ def split_prompt_answer(input_ids: list[int], labels: list[int]) -> tuple[list[i
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """Greedy decoding of left-padded prompts; returns only the new tokens, up to eos."""
+def generate(model, tokenizer, prompts: list[list[int]], config: EvaluateConfig) -> list[list[int]]:
+    """Batched decoding of left-padded prompts (greedy unless do_sample); only the new tokens."""
     pad = tokenizer.pad_token_id
-    input_ids = _pad(prompts, pad, left=True)
-    attention = _pad([[1] * len(p) for p in prompts], 0, left=True)
+    device = next(model.parameters()).device
+    input_ids = _pad(prompts, pad, left=True).to(device)
+    attention = _pad([[1] * len(p) for p in prompts], 0, left=True).to(device)
+    sampling = {"temperature": config.temperature, "top_p": config.top_p} if config.do_sample else {}
     out = model.generate(
-        input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
+        input_ids=input_ids,
+        attention_mask=attention,
+        max_new_tokens=config.max_new_tokens,
+        pad_token_id=pad,
+        do_sample=config.do_sample,
+        **sampling,
     )
-    return [row[input_ids.shape[1] :].tolist() for row in out]
+    return [row[input_ids.shape[1] :].tolist() for row in out.cpu()]
 
 
-def evaluate_model(
-    merged_model: ModelBundle, sft_dataset: DatasetDict, params: dict[str, Any]
-) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, str]]]:
-    config = parse_config(EvaluateConfig, params, "evaluate")
-    if "validation" not in sft_dataset:
-        raise DataError("sft_dataset has no validation split: set format.val_size above 0 to evaluate")
-    model, tokenizer = merged_model.model, merged_model.tokenizer
+def evaluate(model, tokenizer, validation, config: EvaluateConfig) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Eval loss / perplexity over the whole split, generation metrics over its first max_samples."""
     model.eval()
-    validation = sft_dataset["validation"]
     loss, tokens = eval_loss(model, validation, config.batch_size)
-    sample = validation.select(range(min(config.num_generations, len(validation))))
+    count = len(validation) if config.max_samples is None else min(config.max_samples, len(validation))
+    sample = validation.select(range(count))
     pairs = [split_prompt_answer(ids, labels) for ids, labels in zip(sample["input_ids"], sample["labels"])]
-    predictions = []
+    if config.do_sample:
+        torch.manual_seed(config.seed)
+    rows = []
     for start in range(0, len(pairs), config.batch_size):
         chunk = pairs[start : start + config.batch_size]
-        outputs = generate(model, tokenizer, [p for p, _ in chunk], config.max_new_tokens)
-        for (prompt, answer), output in zip(chunk, outputs):
-            predictions.append(
+        for (prompt, answer), output in zip(chunk, generate(model, tokenizer, [p for p, _ in chunk], config)):
+            rows.append(
                 {
                     "prompt": tokenizer.decode(prompt, skip_special_tokens=False),
                     "predict": tokenizer.decode(output, skip_special_tokens=True),
                     "label": tokenizer.decode(answer, skip_special_tokens=True),
                 }
             )
-    report = {
+    predictions = pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
+    scores = similarity_scores(list(predictions["predict"]), list(predictions["label"]))
+    result = {
         "eval_loss": loss,
         "perplexity": math.exp(min(loss, 50.0)),
+        **scores,
         "eval_tokens": tokens,
         "examples": len(validation),
-        "generated": len(predictions),
+        "generated": len(rows),
     }
-    logger.info("Eval loss %.4f (perplexity %.2f) over %d tokens", loss, report["perplexity"], tokens)
-    metrics = {k: {"value": float(report[k]), "step": 0} for k in ("eval_loss", "perplexity")}
-    return metrics, report, predictions
+    return result, predictions
+
+
+def _validation(sft_dataset: DatasetDict):
+    if "validation" not in sft_dataset:
+        raise DataError("sft_dataset has no validation split: set format.val_size above 0 to evaluate")
+    return sft_dataset["validation"]
+
+
+def _load(name_or_path: str):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return load_causal_lm(name_or_path, dtype="float32" if device == "cpu" else "auto").to(device)
+
+
+def evaluate_finetuned(
+    merged_model: ModelFiles, sft_dataset: DatasetDict, params: dict[str, Any]
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    config = parse_config(EvaluateConfig, params, "evaluate")
+    validation = _validation(sft_dataset)
+    result, predictions = evaluate(_load(str(merged_model.path)), merged_model.load_tokenizer(), validation, config)
+    gc.collect()
+    logger.info("Fine-tuned: eval loss %.4f, perplexity %.2f", result["eval_loss"], result["perplexity"])
+    return {"model": str(merged_model.path), **result}, predictions
+
+
+def evaluate_base(
+    merged_model: ModelFiles, sft_dataset: DatasetDict, params: dict[str, Any]
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """The base model the fine-tune started from, on the same examples (skipped when compare_base is off)."""
+    config = parse_config(EvaluateConfig, params, "evaluate")
+    if not config.compare_base:
+        return {}, pd.DataFrame(columns=PREDICTION_COLUMNS)
+    validation = _validation(sft_dataset)
+    result, predictions = evaluate(_load(merged_model.base_model), merged_model.load_tokenizer(), validation, config)
+    gc.collect()
+    logger.info("Base: eval loss %.4f, perplexity %.2f", result["eval_loss"], result["perplexity"])
+    return {"model": merged_model.base_model, **result}, predictions
+
+
+def compare_evaluations(
+    base_eval: dict[str, Any], finetuned_eval: dict[str, Any]
+) -> tuple[dict[str, Any], pd.DataFrame, dict[str, Any]]:
+    """MLflow metrics eval.<model>.<metric>, a table with one row per metric, and the full report."""
+    rows = []
+    for metric in ("eval_loss", "perplexity", *METRICS):
+        tuned, base = finetuned_eval.get(metric), base_eval.get(metric)
+        change = None if tuned is None or base is None else tuned - base
+        better = None
+        if change is not None:
+            improved = change < 0 if metric in LOWER_IS_BETTER else change > 0
+            better = "finetuned" if improved else ("same" if change == 0 else "base")
+        rows.append({"metric": metric, "base": base, "finetuned": tuned, "change": change, "better": better})
+    table = pd.DataFrame(rows, columns=["metric", "base", "finetuned", "change", "better"])
+    logger.info("Base vs fine-tuned on the validation split:\n%s", table.to_string(index=False))
+    metrics = {
+        f"{name}.{row['metric']}": {"value": float(row[name]), "step": 0}
+        for row in rows
+        for name in ("base", "finetuned")
+        if row[name] is not None
+    }
+    report = {"base": base_eval, "finetuned": finetuned_eval, "comparison": rows}
+    return metrics, table, report

@@ -1,72 +1,130 @@
-"""Merge: fold the LoRA adapter into the base weights and prove the logits did not change."""
+"""Merge: fold the adapter into the base weights, export them, and prove the logits did not change.
+
+Three steps, so the check's report is saved even when the check fails: ``merge_adapter`` writes the
+merged model into a staging directory beside the trained one (tensor by tensor: a 7B merge needs one
+tensor in memory, not the model); ``check_merged_model`` compares its logits with base+adapter;
+``publish_merged_model`` hands the directory to the ``merged_model`` dataset (renamed into place, so it
+appears only when complete) or, if the check failed, deletes it and fails.
+"""
 
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ...config import MergeConfig, parse_config
-from ...datasets import ModelBundle
+from ...datasets import ModelFiles
+from ...errors import QwenPipelineError
+from ...merging import check_export, export_merged, resolve_device
+from ...models import local_model_dir
 
 logger = logging.getLogger(__name__)
 
-
-@torch.no_grad()
-def _logits(model, input_ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=input_ids).logits.float()
+STAGING_PREFIX = ".merge-staging-"
 
 
-def merge_adapter(trained_model: ModelBundle, params: dict[str, Any]) -> tuple[ModelBundle, dict[str, Any]]:
-    """Merge and unload the adapter; fail if merged logits differ from base+adapter logits."""
+class MergeCheckError(QwenPipelineError):
+    """The merged model does not compute what base + adapter computes."""
+
+
+def _sources(trained: ModelFiles) -> tuple[Path, Path | None]:
+    """The full weights to start from, and the adapter to merge into them (None: already whole)."""
+    if trained.kind == "adapter":
+        return local_model_dir(trained.base_model), trained.path
+    return trained.path, None
+
+
+def merge_adapter(trained_model: ModelFiles, params: dict[str, Any]) -> ModelFiles:
+    """The adapter merged into its (unquantized) base, written to a staging directory."""
     config = parse_config(MergeConfig, params, "merge")
-    model, tokenizer = trained_model.model, trained_model.tokenizer
-    model.eval()
-    from peft import PeftModel
+    device = resolve_device(config.export_device)
+    weights_dir, adapter_dir = _sources(trained_model)
+    parent = trained_model.path.parent
+    for stale in parent.glob(STAGING_PREFIX + "*"):  # left by an interrupted merge
+        logger.info("Removing %s, left by an interrupted merge", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=parent))
+    try:
+        done = export_merged(
+            weights_dir,
+            adapter_dir,
+            staging,
+            trained_model.load_tokenizer(),
+            dtype=config.export_dtype,
+            shard_bytes=int(config.export_size * 10**9),
+            legacy=config.export_legacy_format,
+            method=config.method,
+            device=device,
+        )
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info(
+        "Merged %s into %s (%s, %s): %d file(s), %.1f MB",
+        adapter_dir or "nothing (full weights)",
+        weights_dir,
+        done["method"],
+        done["export_dtype"],
+        len(done["files"]),
+        done["total_bytes"] / 1e6,
+    )
+    source = {k: v for k, v in trained_model.manifest.items() if k not in ("kind", "base_model")}
+    merge = {"weights": str(weights_dir), "adapter": str(adapter_dir) if adapter_dir else None, **done}
+    manifest = {"kind": "causal_lm", "base_model": trained_model.base_model, "training_source": source, "merge": merge}
+    return ModelFiles(path=staging, manifest=manifest)
 
-    if not isinstance(model, PeftModel):  # full or freeze fine-tuning: the weights are already whole
-        logger.info(
-            "Nothing to merge: %s fine-tuning trained the weights themselves", trained_model.info.get("finetuning_type")
-        )
-        report = {
-            "base_model": trained_model.base_model,
-            "merged": False,
-            "passed": True,
-            "parameters": sum(p.numel() for p in model.parameters()),
-        }
-        return ModelBundle(
-            model=model,
-            tokenizer=tokenizer,
-            base_model=trained_model.base_model,
-            info={**trained_model.info, "merge": report},
-        ), report
-    input_ids = torch.tensor([tokenizer(config.check_text, add_special_tokens=False)["input_ids"]])
-    before = _logits(model, input_ids)
-    merged = model.merge_and_unload()
-    after = _logits(merged, input_ids)
-    max_diff = float((before - after).abs().max())
-    report = {
-        "base_model": trained_model.base_model,
-        "check_tokens": int(input_ids.shape[1]),
-        "max_abs_logit_diff": max_diff,
-        "tolerance": config.check_tolerance,
-        "passed": max_diff <= config.check_tolerance,
-        "parameters": sum(p.numel() for p in merged.parameters()),
+
+def check_merged_model(merge_staged: ModelFiles, params: dict[str, Any]) -> dict[str, Any]:
+    """Logits of the staged model vs base+adapter on fixed chat inputs; the merge report."""
+    config = parse_config(MergeConfig, params, "merge")
+    merge = merge_staged.manifest["merge"]
+    tokenizer = merge_staged.load_tokenizer()
+    inputs = []
+    for text in config.check_texts:
+        chat = [{"role": "user", "content": text}, {"role": "assistant", "content": text}]
+        rendered = tokenizer.apply_chat_template(chat, tokenize=False)
+        inputs.append(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    result = check_export(
+        Path(merge["weights"]),
+        Path(merge["adapter"]) if merge["adapter"] else None,
+        merge_staged.path,
+        inputs,
+        tolerance=config.check_tolerance,
+        dtype=getattr(torch, merge["export_dtype"]),
+        device=resolve_device(config.export_device),
+    )
+    check = {
+        "passed": result.passed,
+        "max_abs_logit_diff": result.max_abs_logit_diff,
+        "tolerance": result.tolerance,
+        "top1_agreement": result.top1_agreement,
+        "tokens": result.tokens,
     }
-    if not report["passed"]:
-        raise ValueError(
-            f"merged model disagrees with base+adapter: max |logit diff| {max_diff:.3g} > "
-            f"merge.check_tolerance={config.check_tolerance}"
+    logger.info(
+        "Merge check %s: max |logit diff| %.3g (tolerance %.3g), top-1 agreement %.4f over %d tokens",
+        "passed" if result.passed else "FAILED",
+        result.max_abs_logit_diff,
+        result.tolerance,
+        result.top1_agreement,
+        result.tokens,
+    )
+    return {"base_model": merge_staged.base_model, **merge, "check": check}
+
+
+def publish_merged_model(merge_staged: ModelFiles, merge_report: dict[str, Any]) -> ModelFiles:
+    """The checked model, to be moved into place by the dataset; a failed check deletes it and fails."""
+    check = merge_report["check"]
+    if not check["passed"]:
+        shutil.rmtree(merge_staged.path, ignore_errors=True)
+        raise MergeCheckError(
+            f"merged model disagrees with base+adapter: max |logit diff| {check['max_abs_logit_diff']:.3g} > "
+            f"tolerance {check['tolerance']:.3g} (top-1 agreement {check['top1_agreement']:.3f}); "
+            "nothing was published; the numbers are in the merge report"
         )
-    logger.info("Merged adapter into %s: max |logit diff| %.3g", trained_model.base_model, max_diff)
-    # A merged model must stop at <|im_end|> as well as the base model's own eos.
-    eos = merged.generation_config.eos_token_id
-    eos = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
-    for token_id in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")):
-        if token_id is not None and token_id not in eos:
-            eos.append(token_id)
-    merged.generation_config.eos_token_id = eos
-    merged.generation_config.pad_token_id = tokenizer.pad_token_id
-    info = {**trained_model.info, "merge": report}
-    return ModelBundle(model=merged, tokenizer=tokenizer, base_model=trained_model.base_model, info=info), report
+    manifest = {**merge_staged.manifest, "merge": {**merge_staged.manifest["merge"], "check": check}}
+    return ModelFiles(path=merge_staged.path, manifest=manifest)

@@ -1,6 +1,6 @@
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import merge_adapter
+from .nodes import check_merged_model, merge_adapter, publish_merged_model
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -9,8 +9,20 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 func=merge_adapter,
                 inputs=["trained_model", "params:merge"],
-                outputs=["merged_model", "merge_report"],
+                outputs="merge_staged",
                 name="merge_adapter_node",
-            )
+            ),
+            Node(
+                func=check_merged_model,
+                inputs=["merge_staged", "params:merge"],
+                outputs="merge_report",
+                name="check_merged_model_node",
+            ),
+            Node(
+                func=publish_merged_model,
+                inputs=["merge_staged", "merge_report"],
+                outputs="merged_model",
+                name="publish_merged_model_node",
+            ),
         ]
     )

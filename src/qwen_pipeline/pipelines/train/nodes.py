@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -11,6 +12,7 @@ from ...config import ConfigError, ModelConfig, TrainConfig, parse_config
 from ...datasets import ModelBundle
 from ...training.checks import environment_problems
 from ...training.launcher import train
+from ...training.recipe import data_fingerprint
 
 
 def train_model(
@@ -29,6 +31,8 @@ def train_model(
         info={
             "finetuning_type": config.finetuning_type,
             "quantization_bit": config.quantization_bit,
+            "data_fingerprint": data_fingerprint(sft_dataset["train"]),
+            "train_config": dataclasses.asdict(config),
             "training": result.summary,
         },
     )

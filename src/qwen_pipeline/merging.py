@@ -1,0 +1,484 @@
+"""Merging a LoRA / DoRA adapter into its base model tensor by tensor, and checking the result.
+
+PEFT's ``merge_and_unload`` needs the whole model in memory, and ``save_pretrained`` then builds each
+shard's bytes beside it. Here each base tensor is read, merged with its adapter pieces and written
+straight into its shard file, so the merge holds one tensor (plus the small adapter) at a time. The
+check runs base+adapter (PEFT's own forward) and then the merged files through a model skeleton whose
+weights are read one block at a time (accelerate's offload hooks), so it too stays near one block.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import struct
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Where one stored tensor lives and what it is, read from the file header only."""
+
+    name: str
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(size))
+
+
+def weight_index(model_dir: Path) -> dict[str, TensorSpec]:
+    """Every tensor of a directory's safetensors weights (name -> spec); empty when it has none."""
+    model_dir = Path(model_dir)
+    for stem, ext in (("model", "safetensors"), ("pytorch_model", "bin")):
+        index = model_dir / f"{stem}.{ext}.index.json"
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            break
+        if (model_dir / f"{stem}.{ext}").is_file():
+            files = [f"{stem}.{ext}"]
+            break
+    else:
+        return {}
+    specs = {}
+    for name in files:
+        path = model_dir / name
+        if ext == "bin":  # mmap: shapes and dtypes without reading the data
+            stored = {k: (tuple(t.shape), t.dtype) for k, t in torch.load(path, mmap=True, weights_only=True).items()}
+        else:
+            stored = {
+                k: (tuple(v["shape"]), TORCH_DTYPES[v["dtype"]]) for k, v in _header(path).items() if k != "__metadata__"
+            }
+        specs.update({k: TensorSpec(k, path, shape, dtype) for k, (shape, dtype) in stored.items()})
+    return specs
+
+
+def read_tensor(spec: TensorSpec) -> torch.Tensor:
+    if spec.file.suffix == ".bin":
+        return torch.load(spec.file, mmap=True, weights_only=True)[spec.name].clone()
+    from safetensors import safe_open
+
+    # One open per tensor: the file mapping goes away at once, so its pages do not pile up in memory.
+    with safe_open(spec.file, framework="pt") as f:
+        return f.get_tensor(spec.name)
+
+
+# --- writing ---------------------------------------------------------------------------------------
+
+
+def _write_safetensors(path: Path, entries: list[TensorSpec], produce: Callable[[str], torch.Tensor]) -> None:
+    """A safetensors file written tensor by tensor (the library's writer wants them all in memory at once)."""
+    header, offset = {}, 0
+    for entry in entries:
+        header[entry.name] = {
+            "dtype": SAFETENSORS_DTYPES[entry.dtype],
+            "shape": list(entry.shape),
+            "data_offsets": [offset, offset + entry.nbytes],
+        }
+        offset += entry.nbytes
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data must start 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for entry in entries:
+            tensor = produce(entry.name).to(entry.dtype).contiguous().cpu()
+            if tuple(tensor.shape) != entry.shape:
+                raise ValueError(f"{entry.name}: produced shape {tuple(tensor.shape)}, planned {entry.shape}")
+            f.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+
+
+def write_weights(
+    out_dir: Path,
+    entries: list[TensorSpec],
+    produce: Callable[[str], torch.Tensor],
+    *,
+    shard_bytes: int,
+    legacy: bool = False,
+    progress: Callable[[Iterator], Iterator] = iter,
+) -> list[str]:
+    """Shards of at most ``shard_bytes`` (a bigger single tensor gets a shard of its own), in transformers'
+    file names, with an index file when there is more than one. Returns the shard file names."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for entry in entries:
+        if shards[-1] and size + entry.nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += entry.nbytes
+    stem, ext = ("pytorch_model", "bin") if legacy else ("model", "safetensors")
+    names = (
+        [f"{stem}.{ext}"]
+        if len(shards) == 1
+        else [f"{stem}-{i:05d}-of-{len(shards):05d}.{ext}" for i in range(1, len(shards) + 1)]
+    )
+    for name, shard in progress(list(zip(names, shards))):
+        if legacy:  # torch.save needs the shard's tensors together
+            torch.save({e.name: produce(e.name).to(e.dtype).contiguous().cpu() for e in shard}, out_dir / name)
+        else:
+            _write_safetensors(out_dir / name, shard, produce)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(e.nbytes for e in entries)},
+            "weight_map": {e.name: name for name, shard in zip(names, shards) for e in shard},
+        }
+        (out_dir / f"{stem}.{ext}.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+# --- the adapter -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Adapter:
+    """A PEFT LoRA adapter's tensors, keyed by the base tensor each one changes."""
+
+    scaling: float
+    lora: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # name -> {"A", "B", "m" (DoRA)}
+    replace: dict[str, torch.Tensor] = field(default_factory=dict)  # modules_to_save: whole new tensors
+
+
+def read_adapter(adapter_dir: Path, base: Mapping[str, TensorSpec]) -> tuple[Adapter | None, str]:
+    """The adapter, or None and the reason it cannot be merged tensor by tensor."""
+    from safetensors.torch import load_file
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    weights = adapter_dir / "adapter_model.safetensors"
+    if config.get("peft_type") != "LORA":
+        return None, f"adapter type {config.get('peft_type')} (only LoRA / DoRA merge tensor by tensor)"
+    for key in ("rank_pattern", "alpha_pattern", "fan_in_fan_out", "lora_bias", "trainable_token_indices"):
+        if config.get(key):
+            return None, f"adapter option {key}"
+    if not weights.is_file():
+        return None, "adapter weights are not safetensors"
+    if not base:
+        return None, "the base directory has no weight files"
+    rank, alpha = config["r"], config["lora_alpha"]
+    adapter = Adapter(scaling=alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank)
+    parts = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vector": "m"}
+    for key, tensor in load_file(weights).items():
+        name = key.removeprefix("base_model.model.")
+        suffix = next((s for s in parts if name.endswith(s)), None)
+        if suffix:
+            adapter.lora.setdefault(name[: -len(suffix)] + ".weight", {})[parts[suffix]] = tensor
+        elif "lora_" in name:
+            return None, f"adapter tensor {key}"
+        else:
+            adapter.replace[name] = tensor
+    for name, pieces in adapter.lora.items():
+        if name not in base:
+            return None, f"the adapter changes {name}, which the base does not store (tied weights?)"
+        if "A" not in pieces or "B" not in pieces or len(base[name].shape) != 2:
+            return None, f"{name} is not a plain LoRA linear layer"
+    for name in adapter.replace:
+        if name not in base:
+            return None, f"the adapter replaces {name}, which the base does not store"
+    return adapter, ""
+
+
+def merged_tensor(spec: TensorSpec, adapter: Adapter | None, device: torch.device) -> torch.Tensor:
+    """W + scaling * B @ A, and for DoRA each output row rescaled to its learned magnitude (PEFT's merge)."""
+    if adapter is not None and spec.name in adapter.replace:
+        return adapter.replace[spec.name]
+    weight = read_tensor(spec)
+    pieces = adapter.lora.get(spec.name) if adapter is not None else None
+    if pieces is None:
+        return weight
+    weight = weight.to(device, torch.float32)
+    weight.addmm_(pieces["B"].to(device, torch.float32), pieces["A"].to(device, torch.float32), alpha=adapter.scaling)
+    if "m" in pieces:
+        weight *= (pieces["m"].to(device, torch.float32) / torch.linalg.norm(weight, dim=1)).unsqueeze(1)
+    return weight
+
+
+# --- the check: whole-model logits with the weights read one block at a time ------------------------
+
+
+class _LazyWeights(Mapping):
+    """Parameter name -> tensor, read from the weight files when a block runs (resident ones as they are)."""
+
+    def __init__(self, model: nn.Module, files: dict[str, TensorSpec], loaded: Mapping[str, torch.Tensor]):
+        self._names, self._loaded, self._files, self._source = [], loaded, files, {}
+        groups: dict[int, list[str]] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            self._names.append(name)
+            groups.setdefault(id(param), []).append(name)
+        for aliases in groups.values():  # tied weights: whichever name the files store
+            stored = [self._stored(a) for a in aliases if self._stored(a) in files]
+            for alias in aliases:
+                self._source[alias] = stored[0] if stored else self._stored(alias)
+        config = getattr(model, "config", None)
+        if getattr(config, "tie_word_embeddings", False):  # the output head may be stored as the embeddings
+            names = {id(m): n for n, m in model.named_modules()}
+            output, embed = model.get_output_embeddings(), model.get_input_embeddings()
+            head, source = f"{names[id(output)]}.weight", self._stored(f"{names[id(embed)]}.weight")
+            if self._source.get(head) not in files:
+                self._source[head] = source
+
+    @staticmethod
+    def _stored(name: str) -> str:
+        name = name.removeprefix("base_model.model.")
+        return name.replace(".base_layer.", ".").replace(".original_module.", ".")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self._loaded:
+            return self._loaded[name]
+        source = self._source.get(name, name)
+        if source not in self._files:
+            raise KeyError(f"{name}: not in the weight files (looked for {source})")
+        return read_tensor(self._files[source])
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _blocks(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """The units whose weights load together: each layer of a ModuleList, and each other parameter holder."""
+    for name, child in module.named_children():
+        full = f"{prefix}{name}"
+        if isinstance(child, nn.ModuleList):
+            yield from ((f"{full}.{i}", item) for i, item in enumerate(child))
+        elif list(child.parameters(recurse=False)):
+            yield full, child
+        else:
+            yield from _blocks(child, full + ".")
+
+
+def offloaded_model(weights_dir: Path, adapter_dir: Path | None, device: torch.device) -> nn.Module:
+    """The model of ``weights_dir`` (+ the adapter, through PEFT) in float32, weights read per block."""
+    from accelerate import init_empty_weights
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+    from accelerate.utils import PrefixedDataset
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    files = weight_index(weights_dir)
+    config = AutoConfig.from_pretrained(weights_dir)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    loaded = {}
+    if adapter_dir is not None:
+        from peft import PeftConfig, get_peft_model
+        from safetensors.torch import load_file
+
+        model = get_peft_model(model, PeftConfig.from_pretrained(str(adapter_dir)))
+        saved = load_file(adapter_dir / "adapter_model.safetensors")
+        for name, _ in model.named_parameters():
+            if ".default." in name:  # the adapter's own tensors, under the names PEFT saves them with
+                key = name.replace(".modules_to_save.default.", ".").replace(".default.", ".")
+                key = key.removesuffix(".lora_magnitude_vector.weight") + (
+                    ".lora_magnitude_vector" if key.endswith(".lora_magnitude_vector.weight") else ""
+                )
+                if key not in saved:
+                    raise KeyError(f"{adapter_dir}: adapter tensor {key} (for {name}) is missing")
+                loaded[name] = saved[key].to(torch.float32)
+    weights = _LazyWeights(model, files, loaded)
+    for name, block in _blocks(model):
+        hook = AlignDevicesHook(
+            execution_device=device,
+            offload=True,
+            weights_map=PrefixedDataset(weights, name + "."),
+            place_submodules=True,
+        )
+        add_hook_to_module(block, hook)
+    return model.eval()
+
+
+@torch.no_grad()
+def logits(model: nn.Module, inputs: list[list[int]]) -> list[torch.Tensor]:
+    return [model(input_ids=torch.tensor([ids])).logits[0].float().cpu() for ids in inputs]
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    max_abs_logit_diff: float
+    top1_agreement: float  # share of positions whose most likely next token is the same
+    tolerance: float
+    tokens: int
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_logit_diff <= self.tolerance
+
+
+def compare_logits(reference: list[torch.Tensor], merged: list[torch.Tensor], tolerance: float | None, dtype):
+    ref, got = torch.cat(reference), torch.cat(merged)
+    if tolerance is None:  # 16-bit weights are rounded on export: allow 2% of the logit range
+        tolerance = 1e-4 if dtype == torch.float32 else 0.02 * float(ref.max() - ref.min())
+    return CheckResult(
+        max_abs_logit_diff=float((ref - got).abs().max()),
+        top1_agreement=float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
+        tolerance=tolerance,
+        tokens=int(ref.shape[0]),
+    )
+
+
+# --- the whole export ------------------------------------------------------------------------------
+
+
+def resolve_device(export_device: str) -> torch.device:
+    if export_device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if export_device.startswith("cuda") and not torch.cuda.is_available():
+        from .config import ConfigError
+
+        raise ConfigError([f"merge.export_device: {export_device} asked for, but this machine has no CUDA device"])
+    return torch.device(export_device)
+
+
+def export_dtype(name: str, weights_dir: Path, base: Mapping[str, TensorSpec]) -> torch.dtype:
+    """``auto``: the dtype the base model declares (else stores); float32 when it says nothing."""
+    if name != "auto":
+        return getattr(torch, name)
+    config = json.loads((weights_dir / "config.json").read_text())
+    declared = config.get("dtype") or config.get("torch_dtype")
+    if isinstance(declared, str) and isinstance(getattr(torch, declared, None), torch.dtype):
+        return getattr(torch, declared)
+    stored = [s.dtype for s in base.values() if s.dtype.is_floating_point]
+    return stored[0] if stored else torch.float32
+
+
+def write_model_files(out_dir: Path, weights_dir: Path, tokenizer, dtype: torch.dtype) -> list[int]:
+    """config.json in the export dtype, the tokenizer, and a generation config that stops at <|im_end|>
+    as well as the base model's own eos (a base model's config alone never stops a chat answer)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(weights_dir)
+    config.dtype = dtype
+    config.save_pretrained(out_dir)
+    try:
+        generation = GenerationConfig.from_pretrained(weights_dir)
+    except OSError:
+        generation = GenerationConfig.from_model_config(config)
+    eos = generation.eos_token_id
+    eos = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
+    for token_id in (tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id):
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id not in eos:
+            eos.append(token_id)
+    generation.eos_token_id = eos
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return eos
+
+
+def export_merged(
+    weights_dir: Path,
+    adapter_dir: Path | None,
+    out_dir: Path,
+    tokenizer,
+    *,
+    dtype: str = "auto",
+    shard_bytes: int = 5 * 10**9,
+    legacy: bool = False,
+    method: str = "auto",
+    device: torch.device = torch.device("cpu"),
+) -> dict:
+    """Write ``weights_dir`` (+ the adapter merged in) to ``out_dir``; returns what was done."""
+    from tqdm.auto import tqdm
+
+    base = weight_index(weights_dir)
+    out_dtype = export_dtype(dtype, weights_dir, base)
+    if adapter_dir is not None:
+        adapter, reason = read_adapter(adapter_dir, base)
+    else:
+        adapter, reason = None, ("" if base else "the model directory has no weight files")
+    streamed = method == "streamed" or (method == "auto" and not reason)
+    if streamed and reason:
+        from .config import ConfigError
+
+        raise ConfigError([f"merge.method: streamed is not possible for this adapter: {reason}"])
+    if streamed:
+        entries = [TensorSpec(n, s.file, s.shape, out_dtype if s.dtype.is_floating_point else s.dtype) for n, s in base.items()]
+
+        def produce(name: str) -> torch.Tensor:
+            return merged_tensor(base[name], adapter, device)
+
+    else:
+        from peft import PeftModel
+
+        from .models import load_causal_lm
+
+        logger.info("Merging in memory (%s)", reason or "merge.method: in_memory")
+        model = load_causal_lm(str(weights_dir), dtype="float32").to(device)
+        if adapter_dir is not None:
+            model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+        state, seen = {}, set()
+        for name, tensor in model.state_dict().items():
+            if tensor.data_ptr() not in seen:  # tied weights are stored once
+                seen.add(tensor.data_ptr())
+                state[name] = tensor
+        entries = [
+            TensorSpec(n, Path(), tuple(t.shape), out_dtype if t.is_floating_point() else t.dtype)
+            for n, t in state.items()
+        ]
+        produce = state.__getitem__
+    files = write_weights(
+        out_dir,
+        entries,
+        produce,
+        shard_bytes=shard_bytes,
+        legacy=legacy,
+        progress=lambda items: tqdm(items, desc="Writing merged shards", unit="shard"),
+    )
+    eos = write_model_files(out_dir, weights_dir, tokenizer, out_dtype)
+    return {
+        "method": "streamed" if streamed else "in_memory",
+        "why_in_memory": None if streamed else (reason or "merge.method: in_memory"),
+        "merged_tensors": len(adapter.lora) + len(adapter.replace) if adapter else None,
+        "export_dtype": str(out_dtype).removeprefix("torch."),
+        "export_device": str(device),
+        "files": files,
+        "total_bytes": sum(e.nbytes for e in entries),
+        "eos_token_id": eos,
+    }
+
+
+def check_export(
+    weights_dir: Path,
+    adapter_dir: Path | None,
+    out_dir: Path,
+    inputs: list[list[int]],
+    *,
+    tolerance: float | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> CheckResult:
+    """Logits of the exported model against base+adapter (PEFT's forward), both read block by block."""
+    reference = logits(offloaded_model(weights_dir, adapter_dir, device), inputs)
+    merged = logits(offloaded_model(out_dir, None, device), inputs)
+    return compare_logits(reference, merged, tolerance, dtype)
