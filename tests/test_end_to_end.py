@@ -1,6 +1,6 @@
-"""End to end, as a user runs it: `kedro run --pipeline sft`, then `--pipeline merge`, on a copy of the project.
+"""End to end, as a user runs it: `kedro run --pipeline sft`, then `merge`, then `evaluate`, on a copy of the project.
 
-Slow (about two minutes on 2 CPU cores): runs kedro in subprocesses on the demo data.
+Slow (about three minutes on 2 CPU cores): runs kedro in subprocesses on the demo data.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def project(tmp_path_factory, model_cache):
     root = copy_project(tmp_path_factory.mktemp("project"))
     logs = {"sft": kedro(root, "run", "--pipeline", "sft", cache=model_cache)}
     logs["merge"] = kedro(root, "run", "--pipeline", "merge", cache=model_cache)
+    logs["evaluate"] = kedro(root, "run", "--pipeline", "evaluate", cache=model_cache)
     return root, logs
 
 
@@ -68,7 +69,9 @@ def test_adapter_loads_with_peft_and_merged_logits_match(project):
     with torch.no_grad(), adapter.disable_adapter():
         assert float((adapter(ids).logits - merged_logits).abs().max()) > 1e-2
     report = json.loads((root / "data/08_reporting/merge_report.json").read_text())
-    assert report["passed"] and report["max_abs_logit_diff"] < 1e-4
+    assert report["method"] == "streamed" and report["export_dtype"] == "float32"
+    assert report["check"]["passed"] and report["check"]["max_abs_logit_diff"] < 1e-4
+    assert not list((root / "data/06_models").glob(".merge-staging-*"))
     files = {p.name for p in (root / "data/06_models/merged").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= files
     generation = json.loads((root / "data/06_models/merged/generation_config.json").read_text())
@@ -82,7 +85,7 @@ def test_mlflow_holds_parameters_loss_history_and_merged_model(project):
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("qwen_pipeline")
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
-    assert set(runs) == {"sft", "merge"}
+    assert set(runs) == {"sft", "merge", "evaluate"}
     sft = runs["sft"]
     assert sft.data.params["train.learning_rate"] == "0.005"
     assert sft.data.params["format.cutoff_len"] == "512"
@@ -95,8 +98,61 @@ def test_mlflow_holds_parameters_loss_history_and_merged_model(project):
     assert len(client.get_metric_history(sft.info.run_id, "train.grad_norm")) == 41
     assert sft.data.metrics["train.tokens_per_second"] > 0
     assert "training_loss.png" in {a.path for a in client.list_artifacts(sft.info.run_id)}
-    merged = {a.path for a in client.list_artifacts(runs["merge"].info.run_id, "merged_model")}
-    assert {"merged_model/model.safetensors", "merged_model/config.json", "merged_model/tokenizer.json"} <= merged
+    merge = runs["merge"]
+    assert merge.data.params["merge.export_size"] == "5" and merge.data.params["merge.export_dtype"] == "auto"
+    trained = json.loads((root / "data/06_models/trained/qwen_pipeline.json").read_text())
+    assert trained["mlflow_run_id"] == sft.info.run_id and len(trained["data_fingerprint"]) == 64
+    lineage = {
+        "base_model": "embedded:tiny-qwen2.5",
+        "adapter": str(root / "data/06_models/trained"),
+        "data_fingerprint": trained["data_fingerprint"],
+        "train_run_id": sft.info.run_id,
+        "finetuning_type": "lora",
+        "export_dtype": "float32",
+    }
+    assert {k: merge.data.tags.get(k) for k in lineage} == lineage
+    version = client.get_model_version_by_alias("qwen_pipeline_merged", "candidate")
+    assert version.run_id == merge.info.run_id and version.version == "1"
+    assert {k: version.tags.get(k) for k in lineage} == lineage
+    assert "merged_model_manifest.json" in {a.path for a in client.list_artifacts(merge.info.run_id)}
+
+
+def test_registered_model_loads_and_answers(project):
+    import mlflow
+
+    root, _ = project
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model("models:/qwen_pipeline_merged@candidate")
+    answers = model.predict(["What is 2 + 3?", [{"role": "user", "content": "你好"}]], params={"max_new_tokens": 4})
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    weights = Path(model.unwrap_python_model().model.name_or_path)
+    exported = root / "data/06_models/merged/model.safetensors"
+    assert (weights / "model.safetensors").read_bytes() == exported.read_bytes()
+
+
+def test_fine_tuned_beats_base_on_eval_loss_in_the_comparison(project):
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    root, logs = project
+    table = pd.read_csv(root / "data/08_reporting/eval_comparison.csv").set_index("metric")
+    assert list(table.index) == ["eval_loss", "perplexity", "bleu-4", "rouge-1", "rouge-2", "rouge-l"]
+    assert table.loc["eval_loss", "finetuned"] < table.loc["eval_loss", "base"] - 2.0
+    assert table.loc["eval_loss", "better"] == table.loc["perplexity", "better"] == "finetuned"
+    assert "Base vs fine-tuned on the validation split" in logs["evaluate"]
+    predictions = pd.read_json(root / "data/07_model_output/generated_predictions.jsonl", lines=True)
+    base_predictions = pd.read_json(root / "data/07_model_output/base_predictions.jsonl", lines=True)
+    assert list(predictions.columns) == ["prompt", "predict", "label"] and len(predictions) == 36  # 10% of 360
+    assert list(base_predictions["prompt"]) == list(predictions["prompt"])
+    assert predictions["prompt"].str.endswith("<|im_start|>assistant\n").all()
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("qwen_pipeline")
+    (run,) = client.search_runs([experiment.experiment_id], "tags.`mlflow.runName` = 'evaluate'")
+    metrics = run.data.metrics
+    assert metrics["eval.finetuned.eval_loss"] == pytest.approx(table.loc["eval_loss", "finetuned"])
+    assert metrics["eval.base.eval_loss"] == pytest.approx(table.loc["eval_loss", "base"])
+    assert {f"eval.{m}.bleu-4" for m in ("base", "finetuned")} <= set(metrics)
+    assert "eval_comparison.csv" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
 def test_rejected_records_and_counts_are_logged(project):
@@ -126,7 +182,15 @@ def test_viz_build_shows_the_lineage(project, model_cache):
         "train_model_node",
         "trained_model",
         "merge_adapter_node",
+        "merge_staged",
+        "check_merged_model_node",
+        "merge_report",
+        "publish_merged_model_node",
         "merged_model",
+        "evaluate_finetuned_node",
+        "finetuned_eval",
+        "compare_evaluations_node",
+        "eval_comparison",
     ]
     assert all(step in edges for step in zip(chain, chain[1:])), set(zip(chain, chain[1:])) - edges
     sft = json.loads((root / "build/api/pipelines/sft").read_text())

@@ -268,7 +268,7 @@ def test_bad_settings_are_named(tmp_path, tokenizer):
     trained = save_trained(tmp_path, random_adapter(), tokenizer)
     config = json.loads((trained.path / "adapter_config.json").read_text())
     (trained.path / "adapter_config.json").write_text(json.dumps({**config, "alpha_pattern": {"q_proj": 16}}))
-    with pytest.raises(ConfigError, match="merge.method: streamed is not possible for this adapter: adapter option alpha_pattern"):
+    with pytest.raises(ConfigError, match="streamed is not possible for this adapter: adapter option alpha_pattern"):
         merge_adapter(trained, {"method": "streamed"})
     report = merge(trained, tmp_path)  # auto falls back to PEFT in memory, and says why
     assert (report["method"], report["why_in_memory"]) == ("in_memory", "adapter option alpha_pattern")

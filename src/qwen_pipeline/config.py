@@ -248,10 +248,11 @@ class MergeConfig:
     export_legacy_format: bool = False  # write pytorch_model*.bin instead of safetensors
     method: Literal["auto", "streamed", "in_memory"] = "auto"  # auto: streamed, tensor by tensor, when possible
     check_tolerance: float | None = None  # max |logit diff|; null: 1e-4 (float32), 2% of the logit range (16-bit)
-    check_texts: list[str] = dataclasses.field(
+    check_texts: list[str] = dataclasses.field(  # fixed inputs for the logit check (control tokens allowed)
         default_factory=lambda: [
-            "Merging must not change what the model says.",
-            "合并后的模型必须给出相同的结果。",
+            "<|im_start|>user\nMerging must not change what the model says.<|im_end|>\n"
+            "<|im_start|>assistant\nIt must not: same weights, same answers.<|im_end|>\n",
+            "<|im_start|>user\n合并后的模型必须给出相同的结果。<|im_end|>\n<|im_start|>assistant\n是的。<|im_end|>\n",
         ]
     )
 

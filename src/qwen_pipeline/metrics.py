@@ -38,5 +38,5 @@ def similarity_scores(predicts: list[str], labels: list[str]) -> dict[str, float
     """Mean of each metric over the examples (an empty list gives an empty dict)."""
     if len(predicts) != len(labels):
         raise ValueError(f"{len(predicts)} predictions for {len(labels)} labels")
-    per_example = [example_scores(p, l) for p, l in zip(predicts, labels)]
+    per_example = [example_scores(predict, label) for predict, label in zip(predicts, labels)]
     return {key: fmean(s[key] for s in per_example) for key in METRICS} if per_example else {}

@@ -54,7 +54,7 @@ def merge_adapter(trained_model: ModelFiles, params: dict[str, Any]) -> ModelFil
             weights_dir,
             adapter_dir,
             staging,
-            trained_model.load_tokenizer(),
+            trained_model.path,  # the trained model's tokenizer files
             dtype=config.export_dtype,
             shard_bytes=int(config.export_size * 10**9),
             legacy=config.export_legacy_format,
@@ -82,13 +82,12 @@ def merge_adapter(trained_model: ModelFiles, params: dict[str, Any]) -> ModelFil
 def check_merged_model(merge_staged: ModelFiles, params: dict[str, Any]) -> dict[str, Any]:
     """Logits of the staged model vs base+adapter on fixed chat inputs; the merge report."""
     config = parse_config(MergeConfig, params, "merge")
+    from tokenizers import Tokenizer
+
     merge = merge_staged.manifest["merge"]
-    tokenizer = merge_staged.load_tokenizer()
-    inputs = []
-    for text in config.check_texts:
-        chat = [{"role": "user", "content": text}, {"role": "assistant", "content": text}]
-        rendered = tokenizer.apply_chat_template(chat, tokenize=False)
-        inputs.append(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    tokenizer = Tokenizer.from_file(str(merge_staged.path / "tokenizer.json"))
+    inputs = [tokenizer.encode(text, add_special_tokens=False).ids for text in config.check_texts]
+    del tokenizer  # not needed while the models run
     result = check_export(
         Path(merge["weights"]),
         Path(merge["adapter"]) if merge["adapter"] else None,
