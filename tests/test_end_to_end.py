@@ -112,7 +112,7 @@ def test_mlflow_holds_parameters_loss_history_and_merged_model(project):
     }
     assert {k: merge.data.tags.get(k) for k in lineage} == lineage
     version = client.get_model_version_by_alias("qwen_pipeline_merged", "candidate")
-    assert version.run_id == merge.info.run_id and version.version == "1"
+    assert version.run_id == merge.info.run_id and str(version.version) == "1"
     assert {k: version.tags.get(k) for k in lineage} == lineage
     assert "merged_model_manifest.json" in {a.path for a in client.list_artifacts(merge.info.run_id)}
 

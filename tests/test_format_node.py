@@ -82,3 +82,29 @@ def test_rerun_with_same_inputs_reuses_the_cache(conversations, tmp_path, caplog
     ]:
         with pytest.raises(AssertionError, match="tokenized again"):
             run(data, tmp_path, **params)
+
+
+def test_eval_dataset_becomes_the_validation_split_whole(tmp_path, caplog):
+    raw = DatasetInfoDataset(filepath=str(PARITY / "dataset_info.json")).load()
+    records, ingest_report = ingest_datasets(raw, {"dataset": ["alpaca_parity"], "eval_dataset": ["sharegpt_parity"]})
+    kept, rejected, _, _ = validate_conversations(records, {})
+    sharegpt = [r for r in kept if r["dataset"] == "sharegpt_parity"]
+    assert sharegpt and all(r["split"] == "validation" for r in sharegpt)
+    assert all("split" not in r for r in kept if r["dataset"] == "alpaca_parity")
+    assert ingest_report["datasets"]["sharegpt_parity"]["eval"] == len([r for r in records if "split" in r])
+    with caplog.at_level(logging.WARNING):
+        splits, report, _ = run(kept, tmp_path, val_size=0.2)
+    assert "format.val_size=0.2 ignored: ingest.eval_dataset is the validation split" in caplog.text
+    assert report["splits"] == {"train": len(kept) - len(sharegpt), "validation": len(sharegpt)}
+    # the validation split is the sharegpt conversations, in order: the same ids as tokenizing them alone
+    alone, _, _ = run([{k: v for k, v in r.items() if k != "split"} for r in sharegpt], tmp_path / "alone")
+    assert list(alone) == ["train"] and len(alone["train"]) == len(sharegpt)
+    assert list(splits["validation"]["input_ids"]) == list(alone["train"]["input_ids"])
+
+
+def test_a_dataset_cannot_train_and_evaluate():
+    from qwen_pipeline.config import ConfigError
+
+    raw = DatasetInfoDataset(filepath=str(PARITY / "dataset_info.json")).load()
+    with pytest.raises(ConfigError, match="eval_dataset: alpaca_parity also in dataset"):
+        ingest_datasets(raw, {"dataset": ["alpaca_parity"], "eval_dataset": ["alpaca_parity"]})

@@ -97,6 +97,7 @@ class IngestConfig:
     """``params:ingest``: which datasets of dataset_info.json to read."""
 
     dataset: list[str] = dataclasses.field(default_factory=list)  # names in dataset_info.json
+    eval_dataset: list[str] = dataclasses.field(default_factory=list)  # held out whole as the validation split
     max_samples: int | None = None  # keep the first N records of each dataset
     mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = "concat"  # how datasets combine
     interleave_probs: list[float] | None = None  # sampling weights for interleave_* (default: equal)
@@ -109,6 +110,8 @@ class IngestConfig:
         found = []
         if not self.dataset:
             found.append("dataset: name at least one dataset of dataset_info.json")
+        if both := sorted(set(self.dataset) & set(self.eval_dataset)):
+            found.append(f"eval_dataset: {', '.join(both)} also in dataset; a dataset trains or evaluates, not both")
         if self.max_samples is not None and self.max_samples < 1:
             found.append(f"max_samples: must be positive, got {self.max_samples}")
         if self.interleave_probs is not None:

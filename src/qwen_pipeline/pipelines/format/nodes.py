@@ -67,13 +67,14 @@ def _tokenize(conversations, config: FormatConfig, tokenizer):
         mask_history=config.mask_history,
         tokenization=config.tokenization,
     )
-    tables, dropped, mismatched = [], [], []
+    tables, dropped, mismatched, held_out = [], [], [], []
     stats = {"examples": 0, "truncated": 0, "tokens": 0, "label_tokens": 0, "tokens_cut": 0, "max_length": 0}
     for start in range(0, len(conversations), CHUNK):
         parsed = [Conversation.from_dict(c) for c in conversations[start : start + CHUNK]]
         turns = tokenize_turns(parsed, tokenizer, config.tokenization)
         kept = []
-        for conversation, e in zip(parsed, (assemble(t, options) for t in turns)):
+        chunk = conversations[start : start + CHUNK]
+        for record, conversation, e in zip(chunk, parsed, (assemble(t, options) for t in turns)):
             if e.truncated and config.overlength == "drop":
                 source = conversation.source
                 reason = f"{e.full_length} tokens > format.cutoff_len={config.cutoff_len}"
@@ -88,6 +89,7 @@ def _tokenize(conversations, config: FormatConfig, tokenizer):
                 )
                 continue
             kept.append(e)
+            held_out.append(record.get("split") == "validation")  # from ingest.eval_dataset
             stats["truncated"] += e.truncated
             stats["tokens"] += len(e.input_ids)
             stats["label_tokens"] += sum(1 for x in e.labels if x != IGNORE_INDEX)
@@ -104,7 +106,7 @@ def _tokenize(conversations, config: FormatConfig, tokenizer):
         tables.append(_to_arrow(kept))
     assert stats["examples"] + len(dropped) == len(conversations)  # nothing vanishes
     dataset = Dataset(InMemoryTable(pa.concat_tables(tables) if tables else _to_arrow([])))
-    splits = _split(dataset, config)
+    splits = _split(dataset, config, held_out)
     report = {
         "conversations": len(conversations),
         **stats,
@@ -182,7 +184,14 @@ def _write_cache(cache: Path, splits: DatasetDict, report: dict, dropped: list) 
     tmp.rename(cache)
 
 
-def _split(dataset: Dataset, config: FormatConfig) -> DatasetDict:
+def _split(dataset: Dataset, config: FormatConfig, held_out: list[bool]) -> DatasetDict:
+    if any(held_out):  # ingest.eval_dataset names the validation data: no random split (as LLaMA-Factory)
+        if config.val_size:
+            logger.warning("format.val_size=%s ignored: ingest.eval_dataset is the validation split", config.val_size)
+        train = [i for i, flag in enumerate(held_out) if not flag]
+        return DatasetDict(
+            {"train": dataset.select(train), "validation": dataset.select([i for i, f in enumerate(held_out) if f])}
+        )
     size = config.val_size
     if not size:
         return DatasetDict({"train": dataset})

@@ -40,40 +40,15 @@ FORMATTINGS = ("alpaca", "sharegpt", "openai")
 def ingest_datasets(raw: RawDatasets, params: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every selected record, converted to a conversation dict (or an error), and an ingest report."""
     config = parse_config(IngestConfig, params, "ingest")
-    unknown = [name for name in config.dataset if name not in raw.info]
+    unknown = [name for name in (*config.dataset, *config.eval_dataset) if name not in raw.info]
     if unknown:
         raise DataError(
             f"{raw.info_path}: no dataset named {', '.join(map(repr, unknown))}; "
             f"it defines {', '.join(map(repr, raw.info))}"
         )
-    per_dataset, report = [], {"datasets": {}, "mix_strategy": config.mix_strategy}
-    for name in config.dataset:
-        info = raw.info[name]
-        where = f"{raw.info_path}, dataset {name!r}"
-        formatting = info.get("formatting", "alpaca")
-        if formatting not in FORMATTINGS:
-            raise DataError(f"{where}: formatting {formatting!r} is not one of {', '.join(FORMATTINGS)}")
-        columns = {k: info["columns"].get(k) for k in COLUMN_KEYS} if "columns" in info else DEFAULT_COLUMNS
-        tags = {k: info["tags"].get(k) for k in DEFAULT_TAGS} if "tags" in info else DEFAULT_TAGS
-        needed = ("response",) if formatting == "alpaca" else ("messages",)
-        missing = [k for k in needed if not columns.get(k)]
-        if missing:
-            raise DataError(f"{where}: 'columns' maps no {', '.join(map(repr, missing))} column")
-        rows = raw.read(name)
-        read = len(rows)
-        rows = _sample(rows, info.get("num_samples"), config.seed, where)
-        if config.max_samples is not None:
-            rows = rows[: config.max_samples]
-        convert = {"alpaca": _convert_alpaca, "sharegpt": _convert_sharegpt, "openai": _convert_openai}[formatting]
-        converted = [_base(name, row) | convert(row, columns, tags) for row in rows]
-        if formatting == "openai" and config.openai_thinking_suffix:
-            converted = [_thinking_suffix(r) for r in converted]
-        _warn_ignored_fields(where, rows, columns, formatting)
-        report["datasets"][name] = {"read": read, "selected": len(converted), "formatting": formatting}
-        logger.info("Read %d %s records of dataset %r, %d selected", read, formatting, name, len(converted))
-        per_dataset.append(converted)
+    report = {"datasets": {}, "mix_strategy": config.mix_strategy}
+    per_dataset = [_read_dataset(raw, name, config, report) for name in config.dataset]
     records = _mix(per_dataset, config)
-    report["records"] = len(records)
     for name, count in Counter(r["dataset"] for r in records).items():
         report["datasets"][name]["in_mix"] = count
     if config.mix_strategy != "concat":
@@ -82,7 +57,40 @@ def ingest_datasets(raw: RawDatasets, params: dict[str, Any]) -> tuple[list[dict
             config.mix_strategy,
             ", ".join(f"{n} {d['in_mix']} of {d['selected']}" for n, d in report["datasets"].items()),
         )
+    for name in config.eval_dataset:  # held out whole for evaluation: not mixed into the training data
+        held_out = [{**r, "split": "validation"} for r in _read_dataset(raw, name, config, report)]
+        report["datasets"][name]["eval"] = len(held_out)
+        records += held_out
+    report["records"] = len(records)
     return records, report
+
+
+def _read_dataset(raw: RawDatasets, name: str, config: IngestConfig, report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One dataset's selected records as conversation dicts (or errors); its counts go into ``report``."""
+    info = raw.info[name]
+    where = f"{raw.info_path}, dataset {name!r}"
+    formatting = info.get("formatting", "alpaca")
+    if formatting not in FORMATTINGS:
+        raise DataError(f"{where}: formatting {formatting!r} is not one of {', '.join(FORMATTINGS)}")
+    columns = {k: info["columns"].get(k) for k in COLUMN_KEYS} if "columns" in info else DEFAULT_COLUMNS
+    tags = {k: info["tags"].get(k) for k in DEFAULT_TAGS} if "tags" in info else DEFAULT_TAGS
+    needed = ("response",) if formatting == "alpaca" else ("messages",)
+    missing = [k for k in needed if not columns.get(k)]
+    if missing:
+        raise DataError(f"{where}: 'columns' maps no {', '.join(map(repr, missing))} column")
+    rows = raw.read(name)
+    read = len(rows)
+    rows = _sample(rows, info.get("num_samples"), config.seed, where)
+    if config.max_samples is not None:
+        rows = rows[: config.max_samples]
+    convert = {"alpaca": _convert_alpaca, "sharegpt": _convert_sharegpt, "openai": _convert_openai}[formatting]
+    converted = [_base(name, row) | convert(row, columns, tags) for row in rows]
+    if formatting == "openai" and config.openai_thinking_suffix:
+        converted = [_thinking_suffix(r) for r in converted]
+    _warn_ignored_fields(where, rows, columns, formatting)
+    report["datasets"][name] = {"read": read, "selected": len(converted), "formatting": formatting}
+    logger.info("Read %d %s records of dataset %r, %d selected", read, formatting, name, len(converted))
+    return converted
 
 
 def _thinking_suffix(record: dict[str, Any]) -> dict[str, Any]:

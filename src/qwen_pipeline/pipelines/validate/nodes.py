@@ -16,7 +16,7 @@ from ...errors import DataError
 
 logger = logging.getLogger(__name__)
 
-KEPT_KEYS = ("dataset", "file", "index", "system", "tools", "messages")
+KEPT_KEYS = ("dataset", "file", "index", "system", "tools", "messages", "split")  # split: eval_dataset records
 _DETAIL = re.compile(r"^(message|item) \d+: |line \d+|\(\d+\)")
 
 
@@ -62,7 +62,7 @@ def validate_conversations(
             logger.debug("Rejected %s record %s: %s", record["file"], record["index"], problems)
         else:
             counts["kept"] += 1
-            kept.append({key: record[key] for key in KEPT_KEYS})  # shares the message lists: no copy
+            kept.append({key: record[key] for key in KEPT_KEYS if key in record})  # shares the message lists
     read = len(raw_conversations)
     assert read == len(kept) + len(rejected)  # nothing vanishes
     report = {
