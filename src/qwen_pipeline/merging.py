@@ -4,7 +4,8 @@ PEFT's ``merge_and_unload`` needs the whole model in memory, and ``save_pretrain
 shard's bytes beside it. Here each base tensor is read, merged with its adapter pieces and written
 straight into its shard file, so the merge holds one tensor (plus the small adapter) at a time. The
 check runs base+adapter (PEFT's own forward) and then the merged files through a model skeleton whose
-weights are read one block at a time (accelerate's offload hooks), so it too stays near one block.
+weights are read one block at a time (accelerate's offload hooks; tied embeddings once per pass), so it
+too stays near one block.
 """
 
 from __future__ import annotations

@@ -49,16 +49,6 @@ class ModelFiles:
 
         return load_tokenizer(str(self.path))
 
-    def load_model(self, dtype: str = "float32"):
-        """The model in memory: full weights, or the base with the adapter on top."""
-        from ..models import load_causal_lm
-
-        if self.kind == "causal_lm":
-            return load_causal_lm(str(self.path), dtype=dtype)
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(load_causal_lm(self.base_model, dtype=dtype), str(self.path))
-
 
 class ModelDataset(AbstractDataset[ModelBundle | ModelFiles, ModelBundle | ModelFiles]):
     """Saves and loads a model directory written with ``save_pretrained``.
@@ -117,7 +107,7 @@ class ModelDataset(AbstractDataset[ModelBundle | ModelFiles, ModelBundle | Model
         self.metadata = metadata
 
     def _describe(self) -> dict[str, Any]:
-        return {"filepath": str(self._filepath), "kind": self._kind, "save_args": self._save_args}
+        return {"filepath": str(self._filepath), "kind": self._kind, "lazy": self._lazy, "save_args": self._save_args}
 
     def _exists(self) -> bool:
         return (self._filepath / MANIFEST).is_file()
