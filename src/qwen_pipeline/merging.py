@@ -361,12 +361,12 @@ def offloaded_model(weights_dir: Path, adapter_dir: Path | None, device: torch.d
 
 
 @torch.no_grad()
-def logits(model: nn.Module, inputs: list[list[int]]) -> list[torch.Tensor]:
+def logits(model: nn.Module, inputs: list[list[int]], device: torch.device | None = None) -> list[torch.Tensor]:
     """Logits of each input, all in one forward pass (each pass reads every weight from disk). Right
     padding leaves a causal model's logits at the real positions untouched."""
     width = max(len(ids) for ids in inputs)
-    ids = torch.tensor([row + [0] * (width - len(row)) for row in inputs])
-    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in inputs])
+    ids = torch.tensor([row + [0] * (width - len(row)) for row in inputs], device=device)
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in inputs], device=device)
     out = model(input_ids=ids, attention_mask=mask).logits.float().cpu()
     return [out[i, : len(row)] for i, row in enumerate(inputs)]
 
@@ -574,7 +574,7 @@ def check_export(
     import gc
 
     return_freed_memory()
-    reference = logits(offloaded_model(weights_dir, adapter_dir, device), inputs)
+    reference = logits(offloaded_model(weights_dir, adapter_dir, device), inputs, device)
     gc.collect()
-    merged = logits(offloaded_model(out_dir, None, device), inputs)
+    merged = logits(offloaded_model(out_dir, None, device), inputs, device)
     return compare_logits(reference, merged, tolerance, dtype)
