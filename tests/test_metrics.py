@@ -8,7 +8,9 @@ penalty exp(1 - ref/hyp) when the prediction is shorter.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +72,12 @@ def test_scores_are_averaged_over_examples():
     assert similarity_scores([], []) == {}
     with pytest.raises(ValueError, match="2 predictions for 1 labels"):
         similarity_scores(["a", "b"], ["a"])
+
+
+def test_same_scores_as_llamafactory_compute_similarity():
+    """Golden values from LLaMA-Factory 0.9.5's ComputeSimilarity, one pair at a time
+    (benchmarks/llamafactory_reference/make_metrics_golden.py)."""
+    golden = json.loads((Path(__file__).parent / "data/parity/metrics_golden.json").read_text())
+    assert len(golden) == 10
+    for case in golden:
+        assert example_scores(case["predict"], case["label"]) == case["scores"], case
