@@ -122,9 +122,12 @@ def test_registered_model_loads_and_answers(project):
 
     root, _ = project
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    model = mlflow.pyfunc.load_model("models:/qwen_pipeline_merged@candidate")
-    answers = model.predict(["What is 2 + 3?", [{"role": "user", "content": "你好"}]], params={"max_new_tokens": 4})
-    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    from qwen_pipeline.models import load_tokenizer
+
+    model = mlflow.pyfunc.load_model("models:/qwen_pipeline_merged@candidate", model_config={"max_new_tokens": 4})
+    answers = model.predict(["What is 2 + 3?", [{"role": "user", "content": "你好"}]])
+    tokenizer = load_tokenizer(str(root / "data/06_models/merged"))
+    assert len(answers) == 2 and all(len(tokenizer(a)["input_ids"]) <= 4 for a in answers), answers
     weights = Path(model.unwrap_python_model().model.name_or_path)
     exported = root / "data/06_models/merged/model.safetensors"
     assert (weights / "model.safetensors").read_bytes() == exported.read_bytes()

@@ -3,8 +3,8 @@
 Logged "from code" (``mlflow.pyfunc.log_model(python_model=<this file>)``) with the merged model
 directory as its artifact, so loading it needs mlflow, torch and transformers, not qwen_pipeline::
 
-    model = mlflow.pyfunc.load_model("models:/qwen_pipeline_merged@candidate")
-    model.predict(["What is 2 + 3?", [{"role": "user", "content": "Hi"}]], params={"max_new_tokens": 64})
+    model = mlflow.pyfunc.load_model("models:/qwen_pipeline_merged@candidate", model_config={"max_new_tokens": 64})
+    model.predict(["What is 2 + 3?", [{"role": "user", "content": "Hi"}]])
 
 The weights are the merged model's own files (``artifacts/model``): ``AutoModelForCausalLM`` loads them
 directly too.
@@ -23,12 +23,13 @@ class QwenChatModel(PythonModel):
         path = context.artifacts["model"]
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path).eval()
+        self.max_new_tokens = int((context.model_config or {}).get("max_new_tokens", 256))
 
-    def predict(self, context, model_input, params=None) -> list[str]:
-        """Each input is a string (one user turn) or a list of {"role", "content"} messages; greedy decoding."""
+    def predict(self, context, model_input: list[str | list[dict[str, str]]], params=None) -> list[str]:
+        """Each input is a string (one user turn) or a list of {"role", "content"} messages; greedy decoding
+        of up to ``max_new_tokens`` (a model_config key, given when loading; default 256)."""
         import torch
 
-        params = params or {}
         if hasattr(model_input, "columns"):  # a DataFrame: one conversation or prompt per row
             model_input = list(model_input[model_input.columns[0]])
         answers = []
@@ -40,7 +41,7 @@ class QwenChatModel(PythonModel):
                 out = self.model.generate(
                     input_ids=ids,
                     attention_mask=torch.ones_like(ids),
-                    max_new_tokens=int(params.get("max_new_tokens", 256)),
+                    max_new_tokens=self.max_new_tokens,
                     do_sample=False,
                 )
             answers.append(self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))

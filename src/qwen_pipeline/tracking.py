@@ -45,6 +45,7 @@ def log_model_directory(
         artifacts={"model": str(path)},
         pip_requirements=requirements,
         registered_model_name=registered_model_name,
+        model_config={"max_new_tokens": 256},  # load_model(..., model_config=...) overrides it
         metadata={"qwen_pipeline": json.loads(json.dumps(manifest, default=str))},
     )
     version = str(info.registered_model_version)
