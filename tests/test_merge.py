@@ -75,6 +75,7 @@ def test_merged_logits_equal_base_plus_adapter(lora, tmp_path, tokenizer):
     report = merge(trained, tmp_path)
     assert report["method"] == "streamed" and report["check"]["passed"]
     assert report["check"]["max_abs_logit_diff"] < 1e-4 and report["check"]["top1_agreement"] == 1.0
+    assert report["config"]["export_size"] == 5.0 and report["config"]["export_dtype"] == "auto"  # resolved
     merged = load_causal_lm(str(tmp_path / "merged"))
     reference = PeftModel.from_pretrained(load_causal_lm(EMBEDDED_MODEL), tmp_path / "trained").eval()
     assert float((logits(reference) - logits(merged)).abs().max()) < 1e-4

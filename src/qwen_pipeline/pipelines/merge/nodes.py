@@ -9,6 +9,7 @@ appears only when complete) or, if the check failed, deletes it and fails.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -74,7 +75,12 @@ def merge_adapter(trained_model: ModelFiles, params: dict[str, Any]) -> ModelFil
         done["total_bytes"] / 1e6,
     )
     source = {k: v for k, v in trained_model.manifest.items() if k not in ("kind", "base_model")}
-    merge = {"weights": str(weights_dir), "adapter": str(adapter_dir) if adapter_dir else None, **done}
+    merge = {
+        "weights": str(weights_dir),
+        "adapter": str(adapter_dir) if adapter_dir else None,
+        **done,
+        "config": dataclasses.asdict(config),  # resolved, defaults included
+    }
     manifest = {"kind": "causal_lm", "base_model": trained_model.base_model, "training_source": source, "merge": merge}
     return ModelFiles(path=staging, manifest=manifest)
 
