@@ -165,7 +165,7 @@ def compare_evaluations(
             better = "finetuned" if improved else ("same" if change == 0 else "base")
         rows.append({"metric": metric, "base": base, "finetuned": tuned, "change": change, "better": better})
     table = pd.DataFrame(rows, columns=["metric", "base", "finetuned", "change", "better"])
-    logger.info("Base vs fine-tuned on the validation split:\n%s", table.to_string(index=False))
+    logger.info("Base vs fine-tuned on the validation split:\n%s", table.to_string(index=False, float_format="%.2f"))
     metrics = {
         f"{name}.{row['metric']}": {"value": float(row[name]), "step": 0}
         for row in rows
