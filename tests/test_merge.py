@@ -8,6 +8,7 @@ does: merge_adapter -> check_merged_model -> publish_merged_model -> ModelDatase
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def test_export_size_gives_shards_and_an_index(tmp_path, tokenizer):
     sizes = {}
     for shard in shards:
         header = merging._header(out / shard)
-        sizes[shard] = [math_prod(v["shape"]) * 4 for k, v in header.items() if k != "__metadata__"]
+        sizes[shard] = [math.prod(v["shape"]) * 4 for k, v in header.items() if k != "__metadata__"]
     assert sum(map(sum, sizes.values())) == index["metadata"]["total_size"] == report["total_bytes"]
     for shard, tensor_sizes in sizes.items():  # a shard overflows only when it holds one tensor
         assert sum(tensor_sizes) <= limit or len(tensor_sizes) == 1, shard
@@ -135,13 +136,6 @@ def test_export_size_gives_shards_and_an_index(tmp_path, tokenizer):
     assert count >= 4 and len(index["weight_map"]) == 26  # every tensor of the tiny model, once
     reference = PeftModel.from_pretrained(load_causal_lm(EMBEDDED_MODEL), tmp_path / "trained").eval()
     assert float((logits(reference) - logits(load_causal_lm(str(out)))).abs().max()) < 1e-4
-
-
-def math_prod(shape: list[int]) -> int:
-    result = 1
-    for n in shape:
-        result *= n
-    return result
 
 
 def test_bfloat16_export_and_legacy_bin_format(tmp_path, tokenizer):

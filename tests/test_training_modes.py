@@ -10,7 +10,7 @@ from qwen_pipeline.config import ConfigError, ModelConfig, TrainConfig, parse_co
 from qwen_pipeline.datasets import ModelBundle, ModelDataset
 from qwen_pipeline.models import EMBEDDED_MODEL
 from qwen_pipeline.training.checks import environment_problems
-from qwen_pipeline.training.recipe import run_sft
+from qwen_pipeline.training.recipe import data_fingerprint, run_sft
 
 IDS = torch.tensor([[151644, 872, 198, 3838, 374, 220, 17, 5519, 220, 18, 30, 151645, 198, 151644, 77091, 198]])
 
@@ -52,6 +52,7 @@ def test_mode_lowers_loss_and_round_trips(mode, small_dataset, tmp_path, embedde
     config = parse_config(TrainConfig, params, "train")
     assert environment_problems(config) == []
     result = run_sft(small_dataset, ModelConfig(), config)
+    assert result.summary["data_fingerprint"] == data_fingerprint(small_dataset["train"])
     losses = [h["loss"] for h in result.history]
     assert len(losses) >= 12
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses

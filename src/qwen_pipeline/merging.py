@@ -436,18 +436,21 @@ TOKENIZER_FILES = (
 def special_token_ids(tokenizer_dir: Path) -> dict[str, int | None]:
     """<|im_end|>, eos and pad ids, read from the tokenizer files: special tokens are the added tokens
     of tokenizer.json (loading a tokenizer takes seconds; this, a tenth of one)."""
+    from tokenizers import Tokenizer
+
     added = {t["content"]: t["id"] for t in json.loads((tokenizer_dir / "tokenizer.json").read_text())["added_tokens"]}
     settings = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    wanted = [settings.get("eos_token"), settings.get("pad_token"), "<|im_end|>"]
+    wanted = [w.get("content") if isinstance(w, dict) else w for w in wanted]
+    tokenizer = None
+    if any(isinstance(w, str) and w not in added for w in wanted):  # a special token that is a plain token
+        tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
 
     def token(value) -> int | None:
         value = value.get("content") if isinstance(value, dict) else value
         if not isinstance(value, str):
             return None
-        if value in added:
-            return added[value]
-        from tokenizers import Tokenizer
-
-        return Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).token_to_id(value)
+        return added[value] if value in added else tokenizer.token_to_id(value)
 
     return {
         "im_end": token("<|im_end|>"),

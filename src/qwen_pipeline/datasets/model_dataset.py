@@ -61,7 +61,6 @@ class ModelDataset(AbstractDataset[ModelBundle | ModelFiles, ModelBundle | Model
           kind: auto               # adapter (PEFT) or causal_lm (full weights), from the model
           save_args:
             max_shard_size: 2GB
-          mlflow_artifact_path: merged_model   # also log the directory to the active MLflow run
 
         merged_model:
           type: qwen_pipeline.datasets.ModelDataset
@@ -88,7 +87,6 @@ class ModelDataset(AbstractDataset[ModelBundle | ModelFiles, ModelBundle | Model
         kind: Literal["auto", "adapter", "causal_lm"] = "auto",
         save_args: dict[str, Any] | None = None,
         load_args: dict[str, Any] | None = None,
-        mlflow_artifact_path: str | None = None,
         mlflow_model: dict[str, str] | None = None,
         lazy: bool = False,
         metadata: dict[str, Any] | None = None,
@@ -99,7 +97,6 @@ class ModelDataset(AbstractDataset[ModelBundle | ModelFiles, ModelBundle | Model
         self._kind = kind
         self._save_args = {**self.DEFAULT_SAVE_ARGS, **(save_args or {})}
         self._load_args = {**self.DEFAULT_LOAD_ARGS, **(load_args or {})}
-        self._mlflow_artifact_path = mlflow_artifact_path
         if mlflow_model is not None and not {"name", "registered_model_name"} <= set(mlflow_model):
             raise DatasetError(f"ModelDataset {filepath}: mlflow_model needs name and registered_model_name")
         self._mlflow_model = mlflow_model
@@ -147,19 +144,16 @@ class ModelDataset(AbstractDataset[ModelBundle | ModelFiles, ModelBundle | Model
         return "adapter" if isinstance(model, PeftModel) else "causal_lm"
 
     def _log_to_mlflow(self, manifest: dict[str, Any]) -> None:
-        if not (self._mlflow_artifact_path or self._mlflow_model):
+        if not self._mlflow_model:
             return
         import mlflow
 
         if mlflow.active_run() is None:
             logger.warning("No active MLflow run: %s not logged", self._filepath)
             return
-        if self._mlflow_artifact_path:
-            mlflow.log_artifacts(str(self._filepath), artifact_path=self._mlflow_artifact_path)
-        if self._mlflow_model:
-            from ..tracking import log_model_directory
+        from ..tracking import log_model_directory
 
-            log_model_directory(self._filepath, manifest, **self._mlflow_model)
+        log_model_directory(self._filepath, manifest, **self._mlflow_model)
 
     def _load(self) -> ModelBundle | ModelFiles:
         from ..models import load_causal_lm, load_tokenizer

@@ -118,11 +118,11 @@ def token_mean_loss(outputs, labels, num_items_in_batch=None):
     return total / count
 
 
-def checkpoint_dir(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig) -> Path:
-    """One checkpoint folder per (data, model, hyperparameters): a rerun of the same command
+def checkpoint_dir(fingerprint: str, model_config: ModelConfig, config: TrainConfig) -> Path:
+    """One checkpoint folder per (data fingerprint, model, hyperparameters): a rerun of the same command
     resumes; a changed one starts fresh instead of resuming someone else's optimizer state."""
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("overwrite_output_dir", "output_dir")}
-    key = json.dumps([data_fingerprint(dataset["train"]), dataclasses.asdict(model_config), settings], sort_keys=True)
+    key = json.dumps([fingerprint, dataclasses.asdict(model_config), settings], sort_keys=True)
     return Path(config.output_dir) / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -182,7 +182,8 @@ def run_sft(
         "%s: %d trainable parameters of %d (%.3f%%)", config.finetuning_type, trainable, total, 100 * trainable / total
     )
     # Train
-    run_dir = checkpoint_dir(dataset, model_config, config)
+    fingerprint = data_fingerprint(dataset["train"])  # also recorded in the summary (and the model's manifest)
+    run_dir = checkpoint_dir(fingerprint, model_config, config)
     resume = None if config.overwrite_output_dir else last_complete_checkpoint(run_dir)
     if resume:
         logger.info("Resuming from %s (train.overwrite_output_dir: true starts over)", resume)
@@ -268,6 +269,7 @@ def run_sft(
         # non-padding tokens seen per second (the examples of each step, over the whole run)
         "tokens_per_second": round(input_tokens * epochs / seconds, 1) if seconds else 0.0,
         "trainable_parameters": trainable,
+        "data_fingerprint": fingerprint,
         **{f"batching_{k}": v for k, v in batching.items()},
         **(
             {"peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3)}

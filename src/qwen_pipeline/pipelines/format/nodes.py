@@ -188,10 +188,9 @@ def _split(dataset: Dataset, config: FormatConfig, held_out: list[bool]) -> Data
     if any(held_out):  # ingest.eval_dataset names the validation data: no random split (as LLaMA-Factory)
         if config.val_size:
             logger.warning("format.val_size=%s ignored: ingest.eval_dataset is the validation split", config.val_size)
+        validation = [i for i, flag in enumerate(held_out) if flag]
         train = [i for i, flag in enumerate(held_out) if not flag]
-        return DatasetDict(
-            {"train": dataset.select(train), "validation": dataset.select([i for i, f in enumerate(held_out) if f])}
-        )
+        return DatasetDict({"train": dataset.select(train), "validation": dataset.select(validation)})
     size = config.val_size
     if not size:
         return DatasetDict({"train": dataset})

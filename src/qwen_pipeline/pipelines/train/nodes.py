@@ -12,7 +12,6 @@ from ...config import ConfigError, ModelConfig, TrainConfig, parse_config
 from ...datasets import ModelBundle
 from ...training.checks import environment_problems
 from ...training.launcher import train
-from ...training.recipe import data_fingerprint
 
 
 def train_model(
@@ -31,7 +30,7 @@ def train_model(
         info={
             "finetuning_type": config.finetuning_type,
             "quantization_bit": config.quantization_bit,
-            "data_fingerprint": data_fingerprint(sft_dataset["train"]),
+            "data_fingerprint": result.summary["data_fingerprint"],
             "train_config": dataclasses.asdict(config),
             "training": result.summary,
         },
