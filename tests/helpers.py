@@ -25,17 +25,51 @@ def copy_project(root: Path, *, demo_data: bool = True) -> Path:
     return root
 
 
+def conversation_rows(records: list[dict]) -> Dataset:
+    """Conversation dicts as the Arrow dataset the data stages pass on (missing keys become null)."""
+    import pyarrow as pa
+    from datasets.table import InMemoryTable
+
+    from qwen_pipeline.conversation import CONVERSATION_SCHEMA
+
+    return Dataset(InMemoryTable(pa.Table.from_pylist(records, schema=CONVERSATION_SCHEMA)))
+
+
+def ingest(raw, params: dict, **processing) -> tuple[list[dict], dict]:
+    """The ingest node without a previous run: converted records as dicts, and the report."""
+    from qwen_pipeline.pipelines.ingest.nodes import ingest_datasets
+
+    out, report = ingest_datasets(raw, None, params, processing)
+    return out.data.to_list(), report
+
+
+def validate(records: list[dict], params: dict, **processing):
+    """The validate node without a previous run: kept conversations as dicts, rejected, report, metrics."""
+    from qwen_pipeline.pipelines.validate.nodes import validate_conversations
+
+    out, rejected, report, metrics = validate_conversations(conversation_rows(records), None, params, processing)
+    return out.data.to_list(), rejected, report, metrics
+
+
+def tokenize(conversations: list[dict], params: dict, **processing):
+    """The format node on the embedded model's tokenizer, without a previous run: splits, report, dropped."""
+    from qwen_pipeline.models import EMBEDDED_MODEL
+    from qwen_pipeline.pipelines.format.nodes import tokenize_conversations
+
+    model = {"model_name_or_path": EMBEDDED_MODEL}
+    out, report, dropped = tokenize_conversations(conversation_rows(conversations), None, model, params, processing)
+    return out.data, report, dropped
+
+
 def demo_examples(tokenizer, datasets=("alpaca_demo",), max_samples: int | None = None, cutoff_len: int = 128):
     """Demo conversations through ingest, validate and the qwen template, as a datasets.Dataset."""
     from qwen_pipeline.conversation import Conversation
     from qwen_pipeline.datasets import DatasetInfoDataset
-    from qwen_pipeline.pipelines.ingest.nodes import ingest_datasets
-    from qwen_pipeline.pipelines.validate.nodes import validate_conversations
     from qwen_pipeline.template import TemplateOptions, encode_conversations
 
     params = {"dataset": list(datasets), **({"max_samples": max_samples} if max_samples else {})}
-    records, _ = ingest_datasets(DatasetInfoDataset(filepath=str(DEMO_INFO)).load(), params)
-    kept, _, _, _ = validate_conversations(records, {})
+    records, _ = ingest(DatasetInfoDataset(filepath=str(DEMO_INFO)).load(), params)
+    kept, _, _, _ = validate(records, {})
     encoded = encode_conversations(
         [Conversation.from_dict(c) for c in kept], tokenizer, TemplateOptions(cutoff_len=cutoff_len)
     )

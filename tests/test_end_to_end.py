@@ -204,3 +204,18 @@ def test_viz_build_shows_the_lineage(project, model_cache):
         "tokenize_conversations_node",
         "train_model_node",
     }
+
+
+def test_data_stages_rerun_with_nothing_changed_reuses_their_outputs(project, model_cache):
+    """Last in this file: it adds a run to the MLflow store the other tests count."""
+    root, _ = project
+    stored = {p: p.stat().st_mtime_ns for p in (root / "data").rglob("*.arrow")}
+    log = kedro(root, "run", "--pipelines", "ingest,validate,format", cache=model_cache)
+    assert "Ingest: datasets and parameters unchanged, reusing 362 records" in log
+    assert "Validate: records and parameters unchanged, reusing 360 conversations" in log
+    assert "Format: conversations, parameters and tokenizer unchanged, reusing the tokenized dataset" in log
+    for report in ("ingest_report", "validation_report", "format_report"):
+        assert json.loads((root / f"data/08_reporting/{report}.json").read_text())["reused"] is True
+    assert {p: p.stat().st_mtime_ns for p in (root / "data").rglob("*.arrow")} == stored  # nothing rewritten
+    rejected = json.loads((root / "data/08_reporting/rejected_records.json").read_text())
+    assert [(r["file"], r["index"]) for r in rejected] == [("alpaca_demo.json", 17), ("sharegpt_demo.json", 9)]

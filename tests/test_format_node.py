@@ -1,4 +1,4 @@
-"""The format node: over-length policy, report counts, caching by fingerprint."""
+"""The format node: over-length policy, report counts, validation split."""
 
 from __future__ import annotations
 
@@ -6,28 +6,22 @@ import logging
 from pathlib import Path
 
 import pytest
+from helpers import ingest, tokenize, validate
 
 from qwen_pipeline.datasets import DatasetInfoDataset
-from qwen_pipeline.models import EMBEDDED_MODEL
-from qwen_pipeline.pipelines.format.nodes import tokenize_conversations
-from qwen_pipeline.pipelines.ingest.nodes import ingest_datasets
-from qwen_pipeline.pipelines.validate.nodes import validate_conversations
 
 PARITY = Path(__file__).parent / "data" / "parity"
-MODEL = {"model_name_or_path": EMBEDDED_MODEL}
 
 
 @pytest.fixture(scope="module")
 def conversations():
     raw = DatasetInfoDataset(filepath=str(PARITY / "dataset_info.json")).load()
-    kept, _, _, _ = validate_conversations(
-        ingest_datasets(raw, {"dataset": ["alpaca_parity", "sharegpt_parity"]})[0], {}
-    )
+    kept, _, _, _ = validate(ingest(raw, {"dataset": ["alpaca_parity", "sharegpt_parity"]})[0], {})
     return kept
 
 
 def run(conversations, tmp_path, **params):
-    return tokenize_conversations(conversations, MODEL, {"cache_dir": str(tmp_path / "cache"), **params})
+    return tokenize(conversations, params)
 
 
 def test_drop_sends_overlong_conversations_to_overlength_records(conversations, tmp_path):
@@ -60,38 +54,14 @@ def test_validation_split_by_fraction_and_count(conversations, tmp_path):
     assert report["splits"] == {"train": 23, "validation": 5}
 
 
-def test_rerun_with_same_inputs_reuses_the_cache(conversations, tmp_path, caplog, monkeypatch):
-    first, report, _ = run(conversations, tmp_path)
-    assert report["cache"] == "miss"
-    import qwen_pipeline.pipelines.format.nodes as nodes
-
-    def no_tokenizing(*args, **kwargs):
-        raise AssertionError("tokenized again")
-
-    monkeypatch.setattr(nodes, "_tokenize", no_tokenizing)
-    with caplog.at_level(logging.INFO):
-        again, report_again, _ = run(conversations, tmp_path)
-    assert report_again["cache"] == "hit" and "Reusing the tokenized dataset" in caplog.text
-    assert again["train"]["input_ids"] == first["train"]["input_ids"]
-    assert again["train"]["labels"] == first["train"]["labels"]
-    # a changed parameter, changed data, or overwrite_cache tokenizes again
-    for params, data in [
-        ({"cutoff_len": 64}, conversations),
-        ({}, conversations[:-1]),
-        ({"overwrite_cache": True}, conversations),
-    ]:
-        with pytest.raises(AssertionError, match="tokenized again"):
-            run(data, tmp_path, **params)
-
-
 def test_eval_dataset_becomes_the_validation_split_whole(tmp_path, caplog):
     raw = DatasetInfoDataset(filepath=str(PARITY / "dataset_info.json")).load()
-    records, ingest_report = ingest_datasets(raw, {"dataset": ["alpaca_parity"], "eval_dataset": ["sharegpt_parity"]})
-    kept, rejected, _, _ = validate_conversations(records, {})
+    records, ingest_report = ingest(raw, {"dataset": ["alpaca_parity"], "eval_dataset": ["sharegpt_parity"]})
+    kept, rejected, _, _ = validate(records, {})
     sharegpt = [r for r in kept if r["dataset"] == "sharegpt_parity"]
     assert sharegpt and all(r["split"] == "validation" for r in sharegpt)
-    assert all("split" not in r for r in kept if r["dataset"] == "alpaca_parity")
-    assert ingest_report["datasets"]["sharegpt_parity"]["eval"] == len([r for r in records if "split" in r])
+    assert all(r["split"] is None for r in kept if r["dataset"] == "alpaca_parity")
+    assert ingest_report["datasets"]["sharegpt_parity"]["eval"] == len([r for r in records if r["split"]])
     with caplog.at_level(logging.WARNING):
         splits, report, _ = run(kept, tmp_path, val_size=0.2)
     assert "format.val_size=0.2 ignored: ingest.eval_dataset is the validation split" in caplog.text
@@ -107,4 +77,4 @@ def test_a_dataset_cannot_train_and_evaluate():
 
     raw = DatasetInfoDataset(filepath=str(PARITY / "dataset_info.json")).load()
     with pytest.raises(ConfigError, match="eval_dataset: alpaca_parity also in dataset"):
-        ingest_datasets(raw, {"dataset": ["alpaca_parity"], "eval_dataset": ["alpaca_parity"]})
+        ingest(raw, {"dataset": ["alpaca_parity"], "eval_dataset": ["alpaca_parity"]})

@@ -6,11 +6,11 @@ import json
 import logging
 
 import pytest
+from helpers import ingest as run_ingest
 from kedro.io import DatasetError
 
 from qwen_pipeline.config import ConfigError
 from qwen_pipeline.datasets import DatasetInfoDataset
-from qwen_pipeline.pipelines.ingest.nodes import ingest_datasets
 
 ROWS = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(5)]
 
@@ -21,7 +21,7 @@ def load(tmp_path, entry):
 
 
 def ingest(raw, **params):
-    return ingest_datasets(raw, {"dataset": ["d"], **params})
+    return run_ingest(raw, {"dataset": ["d"], **params})
 
 
 def prompts(records):

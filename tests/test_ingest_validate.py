@@ -6,11 +6,10 @@ import json
 import logging
 
 import pytest
+from helpers import ingest, validate
 from kedro.io import DatasetError
 
 from qwen_pipeline.datasets import DatasetInfoDataset
-from qwen_pipeline.pipelines.ingest.nodes import ingest_datasets
-from qwen_pipeline.pipelines.validate.nodes import validate_conversations
 
 ALPACA_OK = {"instruction": "Add 2 and 3.", "input": "", "output": "5"}
 SHAREGPT_OK = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
@@ -28,8 +27,8 @@ def write_dataset(tmp_path, records, formatting="alpaca", suffix=".json", **entr
 
 
 def run(raw, share=1.0):
-    records, _ = ingest_datasets(raw, {"dataset": ["demo"]})
-    return validate_conversations(records, {"max_rejected_share": share})
+    records, _ = ingest(raw, {"dataset": ["demo"]})
+    return validate(records, {"max_rejected_share": share})
 
 
 CASES = [
@@ -159,7 +158,7 @@ def test_unlisted_system_column_is_ignored_as_in_llamafactory(tmp_path):
 def test_unknown_dataset_name_lists_the_known_ones(tmp_path):
     raw = write_dataset(tmp_path, [ALPACA_OK])
     with pytest.raises(ValueError, match="no dataset named 'nope'; it defines 'demo'"):
-        ingest_datasets(raw, {"dataset": ["nope"]})
+        ingest(raw, {"dataset": ["nope"]})
 
 
 def test_file_outside_the_data_folder_is_refused(tmp_path):
@@ -181,8 +180,8 @@ def test_demo_data_keeps_all_but_the_two_planted_errors():
     from pathlib import Path
 
     raw = DatasetInfoDataset(filepath=str(Path(__file__).parents[1] / "data/01_raw/dataset_info.json")).load()
-    records, _ = ingest_datasets(raw, {"dataset": ["alpaca_demo", "sharegpt_demo"]})
-    kept, rejected, report, metrics = validate_conversations(records, {})
+    records, _ = ingest(raw, {"dataset": ["alpaca_demo", "sharegpt_demo"]})
+    kept, rejected, report, metrics = validate(records, {})
     assert (report["read"], report["kept"], report["rejected"]) == (362, 360, 2)
     assert [(r["file"], r["index"]) for r in rejected] == [("alpaca_demo.json", 17), ("sharegpt_demo.json", 9)]
     assert metrics["rejected"] == {"value": 2.0, "step": 0}

@@ -10,11 +10,10 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import ingest, validate
 
 from qwen_pipeline.conversation import Conversation, Message, Source
 from qwen_pipeline.datasets import DatasetInfoDataset
-from qwen_pipeline.pipelines.ingest.nodes import ingest_datasets
-from qwen_pipeline.pipelines.validate.nodes import validate_conversations
 from qwen_pipeline.template import DEFAULT_SYSTEM, TemplateOptions, encode_conversations, flat_ids, tokenize_turns
 
 PARITY = Path(__file__).parent / "data" / "parity"
@@ -24,10 +23,10 @@ GOLDEN = json.loads((PARITY / "golden.json").read_text())
 TEMPLATE_ARGS = ("cutoff_len", "train_on_prompt", "mask_history")
 
 
-def read(datasets: list[str], **ingest) -> list[Conversation]:
+def read(datasets: list[str], **params) -> list[Conversation]:
     raw = DatasetInfoDataset(filepath=str(PARITY / "dataset_info.json")).load()
-    records, _ = ingest_datasets(raw, {"dataset": datasets, **ingest})
-    kept, rejected, _, _ = validate_conversations(records, {})
+    records, _ = ingest(raw, {"dataset": datasets, **params})
+    kept, rejected, _, _ = validate(records, {})
     assert not rejected
     return [Conversation.from_dict(c) for c in kept]
 

@@ -125,6 +125,29 @@ class IngestConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ProcessingConfig:
+    """``params:processing``: how the data stages use the machine. Their outputs do not depend on it."""
+
+    num_proc: int | None = None  # worker processes for conversion, validation, tokenization (null: cores, <= 16)
+    batch_size: int = 1000  # records per chunk: what one process holds at a time
+    overwrite_cache: bool = False  # redo every data stage even when its inputs are unchanged (LLaMA-Factory's name)
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.num_proc is not None and self.num_proc < 1:
+            found.append(f"num_proc: must be positive (or null for the cores available), got {self.num_proc}")
+        if self.batch_size < 1:
+            found.append(f"batch_size: must be positive, got {self.batch_size}")
+        return found
+
+    @property
+    def processes(self) -> int:
+        from .data.streaming import default_num_proc
+
+        return self.num_proc or default_num_proc()
+
+
+@dataclasses.dataclass(frozen=True)
 class ValidateConfig:
     """``params:validate``."""
 
@@ -149,8 +172,6 @@ class FormatConfig:
     overlength: Literal["truncate", "drop"] = "truncate"  # over cutoff_len: cut (LLaMA-Factory) or drop
     tokenization: Literal["turns", "whole_text"] = "turns"  # turns = LLaMA-Factory; whole_text = apply_chat_template
     compare_tokenizations: bool = True  # count conversations the two tokenizations disagree on
-    overwrite_cache: bool = False  # tokenize again even when the cached dataset matches
-    cache_dir: str = "data/03_primary/format_cache"  # tokenized datasets by fingerprint
 
     def problems(self) -> list[str]:
         found = []

@@ -2,8 +2,8 @@
 
 Ingest turns alpaca / sharegpt / openai records into ``Conversation``; validate
 checks their shape; format turns them into tokens. Conversations travel between
-pipelines as plain dicts (``to_dict`` / ``from_dict``) so the catalog can store
-them as JSON.
+pipelines as Arrow rows of ``CONVERSATION_SCHEMA`` (plain dicts in Python:
+``to_dict`` / ``from_dict``).
 """
 
 from __future__ import annotations
@@ -12,11 +12,28 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+import pyarrow as pa
+
 Role = Literal["user", "assistant", "observation", "function"]
 ROLES: tuple[str, ...] = get_args(Role)
 # Roles that ask (the prompt side of a turn) and roles that answer (the target side).
 PROMPT_ROLES = ("user", "observation")
 ANSWER_ROLES = ("assistant", "function")
+
+# A conversation as an Arrow row. ``split`` is "validation" for ingest.eval_dataset records;
+# ``error`` says why ingest could not convert a record (validate rejects it, then drops the column).
+CONVERSATION_SCHEMA = pa.schema(
+    [
+        ("dataset", pa.string()),
+        ("file", pa.string()),
+        ("index", pa.int64()),
+        ("system", pa.string()),
+        ("tools", pa.string()),
+        ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+        ("split", pa.string()),
+        ("error", pa.string()),
+    ]
+)
 
 
 @dataclass(frozen=True)

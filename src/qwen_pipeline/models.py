@@ -203,6 +203,38 @@ def load_tokenizer(model_name_or_path: str, *, trust_remote_code: bool = False, 
     return tokenizer
 
 
+# What decides a tokenizer's ids (and the chat template it carries), by file name.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
+
+
+def tokenizer_fingerprint(model_name_or_path: str, *, trust_remote_code: bool = False, use_fast: bool = True) -> str:
+    """A hash of the tokenizer that ``load_tokenizer`` would load: its files when the model is a local
+    folder (nothing is loaded: a rerun that reuses its data learns it in milliseconds), else the
+    loaded tokenizer's serialisation."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{trust_remote_code}{use_fast}".encode())
+    path = Path(resolve_model_path(model_name_or_path))
+    if path.is_dir():
+        for name in TOKENIZER_FILES:
+            if (path / name).is_file():
+                digest.update(name.encode() + b"\0" + (path / name).read_bytes())
+    else:
+        tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code, use_fast=use_fast)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        digest.update(backend.to_str().encode() if backend is not None else repr(tokenizer).encode())
+    return digest.hexdigest()
+
+
 def load_causal_lm(model_name_or_path: str, *, dtype: str = "float32", trust_remote_code: bool = False):
     import torch
     from transformers import AutoModelForCausalLM

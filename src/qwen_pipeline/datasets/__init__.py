@@ -1,6 +1,15 @@
 """Kedro datasets for what kedro-datasets lacks."""
 
-from .dataset_info import DatasetInfoDataset, RawDatasets, RawRecord
+from .dataset_info import DatasetInfoDataset, RawDatasets
 from .model_dataset import ModelBundle, ModelDataset, ModelFiles
+from .stage import StageDataset, StageOutput
 
-__all__ = ["DatasetInfoDataset", "ModelBundle", "ModelDataset", "ModelFiles", "RawDatasets", "RawRecord"]
+__all__ = [
+    "DatasetInfoDataset",
+    "ModelBundle",
+    "ModelDataset",
+    "ModelFiles",
+    "RawDatasets",
+    "StageDataset",
+    "StageOutput",
+]

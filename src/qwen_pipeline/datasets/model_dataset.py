@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from kedro.io import AbstractDataset, DatasetError
 
+from ._files import swap_into_place
+
 logger = logging.getLogger(__name__)
 
 # Written last into every directory this dataset saves: its presence means "complete".
@@ -124,13 +126,7 @@ class ModelDataset(AbstractDataset[ModelBundle | ModelFiles, ModelBundle | Model
                 manifest = {"kind": self._kind_of(data.model), "base_model": data.base_model, **data.info}
             manifest.setdefault("mlflow_run_id", _active_run_id())
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-            old = None
-            if target.exists():
-                old = target.with_name(f".{target.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
-                target.rename(old)
-            tmp.rename(target)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            swap_into_place(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         logger.info("Saved %s to %s", manifest["kind"], target)

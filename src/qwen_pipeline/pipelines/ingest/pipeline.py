@@ -8,7 +8,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 func=ingest_datasets,
-                inputs=["raw_datasets", "params:ingest"],
+                inputs=["raw_datasets", "raw_conversations_previous", "params:ingest", "params:processing"],
                 outputs=["raw_conversations", "ingest_report"],
                 name="ingest_datasets_node",
             )

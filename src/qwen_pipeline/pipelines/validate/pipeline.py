@@ -8,7 +8,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 func=validate_conversations,
-                inputs=["raw_conversations", "params:validate"],
+                inputs=["raw_conversations", "conversations_previous", "params:validate", "params:processing"],
                 outputs=["conversations", "rejected_records", "validation_report", "validation_metrics"],
                 name="validate_conversations_node",
             )

@@ -1,0 +1,222 @@
+"""Data files as LLaMA-Factory reads them, read in bounded memory.
+
+JSON and JSON Lines files are read a megabyte at a time: each record's JSON text (as written in
+the file) goes into an Arrow file with the reason it could not be parsed, if any; the records are
+parsed again by the converters, in parallel. csv, parquet and arrow files go through ``datasets``
+(the loader LLaMA-Factory uses), which writes them as memory-mapped Arrow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+from datasets import Dataset
+
+from ..errors import DataSourceError
+from .streaming import open_files, write_rows
+
+# File types LLaMA-Factory reads from a dataset folder, by extension (txt is pre-training only).
+FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+# A JSON-read record: its text as written in the file, or why it could not be parsed.
+RAW_SCHEMA = pa.schema([("json", pa.string()), ("error", pa.string())])
+READ_CHARS = 1 << 20  # characters read at a time
+MAX_RECORD_CHARS = 64 << 20  # a record longer than this (or invalid JSON) stops the read
+ROWS_PER_CHUNK = 10_000
+
+
+@dataclass(frozen=True)
+class RawTable:
+    """One named dataset's records as read, in file order, not yet converted.
+
+    ``kind`` json: ``data`` has the columns of ``RAW_SCHEMA``; table: the file's own columns.
+    """
+
+    data: Dataset
+    files: tuple[tuple[int, str], ...]  # (first row, file name relative to dataset_info.json's folder)
+    kind: Literal["json", "table"]
+
+
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def read_files(files: list[Path], root: Path, kind: str, work: Path) -> RawTable:
+    """The records of ``files`` (all of one kind), in order."""
+    parts, starts, start = [], [], 0
+    for n, path in enumerate(files):
+        if kind == "json":
+            out = work / f"raw-{n:05d}.arrow"
+            write_rows(_chunks(json_records(path)), RAW_SCHEMA, out)
+            part = open_files([str(out)], RAW_SCHEMA)
+        else:
+            part = read_table(path, kind)
+        parts.append(part)
+        starts.append((start, str(path.relative_to(root))))
+        start += len(part)
+    data = _concatenate(parts, files)
+    return RawTable(data=data, files=tuple(starts), kind="json" if kind == "json" else "table")
+
+
+def _concatenate(parts: list[Dataset], files: list[Path]) -> Dataset:
+    from datasets import concatenate_datasets
+
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0].features
+    for path, part in zip(files, parts):
+        if part.features != first:
+            raise DataSourceError(f"{path}: its columns differ from {files[0].name}'s; a dataset's files share one")
+    return concatenate_datasets(parts)
+
+
+def read_table(path: Path, kind: str) -> Dataset:
+    """csv, parquet and arrow files through ``datasets`` (the loader LLaMA-Factory uses)."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as exc:
+        raise DataSourceError(f"{path}: cannot read as {kind}: {type(exc).__name__}: {exc}") from exc
+
+
+def read_hub(where: str, info: dict[str, Any]) -> RawTable:
+    import datasets
+
+    url = info["hf_hub_url"]
+    try:
+        data = datasets.load_dataset(
+            url, name=info.get("subset"), data_dir=info.get("folder"), split=info.get("split", "train")
+        )
+    except Exception as exc:  # no network, unknown id, gated dataset...
+        raise DataSourceError(
+            f"{where}: could not load {url!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
+            "Without a network, download it elsewhere and name the local copy in 'file_name'."
+        ) from exc
+    return RawTable(data=data, files=((0, url),), kind="table")
+
+
+def _chunks(records: Iterator[tuple[str | None, str | None]]) -> Iterator[pa.Table]:
+    texts, errors = [], []
+    for text, error in records:
+        texts.append(text)
+        errors.append(error)
+        if len(texts) == ROWS_PER_CHUNK:
+            yield pa.table({"json": texts, "error": errors}, schema=RAW_SCHEMA)
+            texts, errors = [], []
+    if texts:
+        yield pa.table({"json": texts, "error": errors}, schema=RAW_SCHEMA)
+
+
+def json_records(path: Path) -> Iterator[tuple[str | None, str | None]]:
+    """(JSON text, None) or (None, reason) for each record of a .json (a list, or JSON Lines as
+    LLaMA-Factory also accepts) or .jsonl file."""
+    if path.suffix == ".json" and _first_character(path) == "[":
+        yield from _array_items(path)
+    else:
+        yield from _lines(path)
+
+
+def _first_character(path: Path) -> str:
+    with open(path, encoding="utf-8") as f:
+        while chunk := f.read(4096):
+            if stripped := chunk.lstrip():
+                return stripped[0]
+    return ""
+
+
+def _lines(path: Path) -> Iterator[tuple[str | None, str | None]]:
+    valid = seen = 0
+    first_error = None
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            seen += 1
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as exc:
+                first_error = first_error or f"invalid JSON at line {line_no}: {exc.msg}"
+                yield None, f"invalid JSON at line {line_no}: {exc.msg}"
+                continue
+            valid += 1
+            yield line.strip(), None
+    if seen and not valid:
+        if path.suffix == ".json":  # not JSON Lines after all: say what is wrong with the document
+            raise DataSourceError(f"{path}: {_document_problem(path)}")
+        raise DataSourceError(f"{path}: no line is valid JSON (first: {first_error})")
+
+
+def _document_problem(path: Path) -> str:
+    """Why a whole .json document is no list of records (read only as far as a record's limit)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read(MAX_RECORD_CHARS)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return f"invalid JSON at line {exc.lineno}: {exc.msg}"
+    return f"expected a JSON list of records, got {type(value).__name__}"
+
+
+def _array_items(path: Path) -> Iterator[tuple[str, None]]:
+    """Each item of a top-level JSON array as its text, decoded with the standard library's parser
+    over a sliding window of the file (its errors, with their line numbers, name what is wrong)."""
+    decoder = json.JSONDecoder()
+    with open(path, encoding="utf-8") as f:
+        buffer, pos, lines_before, eof = "", 0, 0, False
+
+        def more() -> bool:
+            nonlocal buffer, pos, lines_before, eof
+            lines_before += buffer.count("\n", 0, pos)
+            chunk = f.read(READ_CHARS)
+            buffer, pos, eof = buffer[pos:] + chunk, 0, not chunk
+            return bool(chunk)
+
+        def fail(at: int, message: str) -> DataSourceError:
+            line = lines_before + buffer.count("\n", 0, at) + 1
+            return DataSourceError(f"{path}: invalid JSON at line {line}: {message}")
+
+        def skip_space() -> str:
+            nonlocal pos
+            while True:
+                while pos < len(buffer) and buffer[pos] in " \t\r\n":
+                    pos += 1
+                if pos < len(buffer) or not more():
+                    return buffer[pos] if pos < len(buffer) else ""
+
+        skip_space()
+        pos += 1  # the opening bracket
+        first = True
+        while True:
+            char = skip_space()
+            if char == "]":
+                pos += 1
+                if skip_space():
+                    raise fail(pos, "Extra data")
+                return
+            if not first:
+                if char != ",":
+                    raise fail(pos, "Expecting ',' delimiter" if char else "Expecting ',' delimiter or ']'")
+                pos += 1
+                skip_space()
+            while True:
+                try:
+                    _, end = decoder.raw_decode(buffer, pos)
+                except json.JSONDecodeError as exc:
+                    # Maybe only cut off at the window's end: read on (up to a record's limit), try again.
+                    if not eof and len(buffer) - pos < MAX_RECORD_CHARS:
+                        more()
+                        continue
+                    raise fail(exc.pos, exc.msg) from None
+                if end == len(buffer) and not eof:  # a number may go on in the next chunk
+                    more()
+                    continue
+                break
+            yield buffer[pos:end], None
+            pos, first = end, False

@@ -1,0 +1,158 @@
+"""A Kedro dataset for a data stage's output: Arrow files, and the fingerprint of the inputs they came from."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from datasets import Dataset, DatasetDict
+from datasets.table import MemoryMappedTable
+from kedro.io import AbstractDataset, DatasetError
+
+from ..data.streaming import is_staged, iter_chunks, open_files, table_files, write_rows
+from ._files import swap_into_place
+
+logger = logging.getLogger(__name__)
+
+LAYOUT = "stage.json"  # written last: its presence means "complete"
+OUTPUTS = "outputs.json"
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """A stage's main output, with the fingerprint of everything it was made from and the stage's
+    other (small) outputs, so a rerun with unchanged inputs can hand them all back without work."""
+
+    data: Dataset | DatasetDict
+    fingerprint: str
+    outputs: tuple[Any, ...] = ()
+
+
+class StageDataset(AbstractDataset[StageOutput, "Dataset | DatasetDict | StageOutput | None"]):
+    """A ``datasets.Dataset`` or ``DatasetDict`` stored as Arrow files, with its stage's fingerprint.
+
+    Example catalog entries (the second is the same folder, read as "what the last run left")::
+
+        conversations:
+          type: qwen_pipeline.datasets.StageDataset
+          path: data/02_intermediate/conversations
+
+        conversations_previous:
+          type: qwen_pipeline.datasets.StageDataset
+          path: data/02_intermediate/conversations
+          previous: true
+
+    ``load`` gives the data memory-mapped (nothing is read until used); with ``previous: true`` it
+    gives the last saved ``StageOutput`` (or None), which a node returns as it is when its inputs'
+    fingerprint matches. Saving moves the stage's staged Arrow files into place (a rename) and keeps
+    a split's row order as an indices file rather than rewriting its rows; saving what is already
+    stored, with the same fingerprint, does nothing. The folder is written beside and renamed into
+    place, so an interrupted save never leaves one that looks complete.
+    """
+
+    def __init__(self, *, path: str, previous: bool = False, metadata: dict[str, Any] | None = None):
+        self._path = Path(path)
+        self._previous = previous
+        self.metadata = metadata
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._path), "previous": self._previous}
+
+    def _exists(self) -> bool:
+        return (self._path / LAYOUT).is_file()
+
+    def _load(self) -> Dataset | DatasetDict | StageOutput | None:
+        if not self._exists():
+            if self._previous:
+                return None
+            raise DatasetError(f"{self._path}: no complete stage output here (no {LAYOUT}); run the stage first")
+        layout = json.loads((self._path / LAYOUT).read_text())
+        parts = {name: self._open(part, layout["fingerprint"]) for name, part in layout["parts"].items()}
+        data = parts[""] if list(parts) == [""] else DatasetDict(parts)
+        if not self._previous:
+            return data
+        outputs = json.loads((self._path / OUTPUTS).read_text())
+        return StageOutput(data=data, fingerprint=layout["fingerprint"], outputs=tuple(outputs))
+
+    def _open(self, part: dict[str, Any], fingerprint: str) -> Dataset:
+        files = [str(self._path / name) for name in part["files"]]
+        dataset = open_files(files, _schema(self._path / part["files"][0]) if files else pa.schema([]))
+        if part["indices"]:
+            indices = MemoryMappedTable.from_file(str(self._path / part["indices"]))
+            dataset = Dataset(dataset.data, indices_table=indices, fingerprint=fingerprint)
+        dataset._fingerprint = fingerprint  # what the next stage's fingerprint is built on
+        return dataset
+
+    def _save(self, data: StageOutput) -> None:
+        if self._previous:
+            raise DatasetError(f"{self._path}: a 'previous' view is read-only; save to the stage's own entry")
+        if self._is_stored(data):
+            logger.info("%s: unchanged (fingerprint %s)", self._path, data.fingerprint[:12])
+            return
+        target = self._path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        try:
+            parts = data.data if isinstance(data.data, DatasetDict) else {"": data.data}
+            names: dict[str, str] = {}  # source file -> its name here (splits may share files)
+            layout = {name: self._store(split, name, tmp, names) for name, split in parts.items()}
+            (tmp / OUTPUTS).write_text(json.dumps(list(data.outputs), ensure_ascii=False, default=str))
+            (tmp / LAYOUT).write_text(json.dumps({"fingerprint": data.fingerprint, "parts": layout}, indent=1))
+            swap_into_place(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _is_stored(self, data: StageOutput) -> bool:
+        if not self._exists():
+            return False
+        if json.loads((self._path / LAYOUT).read_text())["fingerprint"] != data.fingerprint:
+            return False
+        parts = data.data.values() if isinstance(data.data, DatasetDict) else [data.data]
+        here = self._path.resolve()
+        return all(
+            (files := table_files(p.data)) is not None and all(Path(f).resolve().parent == here for f in files)
+            for p in parts
+        )
+
+    def _store(self, dataset: Dataset, name: str, tmp: Path, names: dict[str, str]) -> dict[str, Any]:
+        """One split's files in ``tmp``: staged files moved, others linked, in-memory rows written."""
+        prefix = name or "data"
+        files = table_files(dataset.data)
+        if files is None:  # in memory or sliced: write its rows
+            out = f"{prefix}-00000.arrow"
+            write_rows(iter_chunks(dataset, 10_000), dataset.data.schema, tmp / out)
+            return {"files": [out], "indices": None}
+        stored = []
+        for source in files:
+            if source not in names:
+                names[source] = f"{prefix}-{len(names):05d}.arrow"
+                if is_staged(source):
+                    shutil.move(source, tmp / names[source])
+                else:  # someone else's file (an earlier stage output, a cache): never move it
+                    _link_or_copy(Path(source), tmp / names[source])
+            stored.append(names[source])
+        indices = None
+        if dataset._indices is not None:
+            indices = f"{prefix}-indices.arrow"
+            table = dataset._indices.table
+            write_rows(iter(table.to_batches(max_chunksize=1 << 16)), table.schema, tmp / indices)
+        return {"files": stored, "indices": indices}
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def _schema(path: Path) -> pa.Schema:
+    with pa.OSFile(str(path)) as f:
+        return pa.ipc.open_stream(f).schema
