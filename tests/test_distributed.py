@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from helpers import demo_sft_dataset
 
 from qwen_pipeline.config import ModelConfig, TrainConfig
+from qwen_pipeline.datasets import ModelDataset
+from qwen_pipeline.pipelines.train.nodes import train_model
 from qwen_pipeline.training import launcher
-from qwen_pipeline.training.recipe import run_sft
+from qwen_pipeline.training.recipe import data_fingerprint, run_sft
 
 pytestmark = pytest.mark.slow
 
@@ -19,29 +30,79 @@ def dataset(tokenizer):
     return demo_sft_dataset(tokenizer, max_samples=32)
 
 
-def test_two_torchrun_processes_train_and_hand_back_the_adapter(dataset, tmp_path, monkeypatch):
-    """The launcher runs the recipe under torchrun (gloo DDP, 2 CPU processes) and reads rank 0's result."""
-    import torch
+def next_message_starting(messages: queue.Queue[str], prefix: str, seconds: float) -> str:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if (message := messages.get(timeout=1)).startswith(prefix):
+                return message
+        except queue.Empty:
+            pass
+    raise AssertionError(f"nothing logged starting with {prefix!r} within {seconds} s")
 
-    monkeypatch.setenv("MASTER_PORT", "29517")
-    config = TrainConfig(
-        per_device_train_batch_size=2,
-        nproc_per_node=2,
-        max_steps=4,
-        learning_rate=5e-3,
-        gradient_accumulation_steps=1,
-        logging_steps=1,
-        output_dir=str(tmp_path / "two"),
-    )
-    result = launcher.train(dataset, ModelConfig(), config)
-    assert [h["step"] for h in result.history] == [1.0, 2.0, 3.0, 4.0]
-    assert result.summary["global_steps"] == 4
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_torchrun_processes_hand_the_saved_adapter_to_the_catalog(dataset, tmp_path, monkeypatch):
+    """Under torchrun the Kedro process never loads the model: rank 0 saves it, the trained_model dataset
+    moves that folder into place, and what lands there is the trained adapter."""
+    import peft
+    import torch
+    import transformers
+
+    import qwen_pipeline.models
+
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"the Kedro process loaded a model: {args}")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", refuse)
+    monkeypatch.setattr(qwen_pipeline.models, "load_causal_lm", refuse)
+    params = {
+        "per_device_train_batch_size": 2,
+        "nproc_per_node": 2,
+        "max_steps": 4,
+        "learning_rate": 5e-3,
+        "gradient_accumulation_steps": 1,
+        "logging_steps": 1,
+        "output_dir": str(tmp_path / "checkpoints"),
+    }
+    files, loss_history, _, summary, _, _ = train_model(dataset, {}, params)
+    assert sorted(loss_history) == [1, 2, 3, 4]
+    assert files.path.parent == tmp_path / "checkpoints"  # staged beside the checkpoints: moving it is a rename
+    trained = tmp_path / "06_models" / "trained"
+    ModelDataset(filepath=str(trained), lazy=True).save(files)
+    monkeypatch.undo()
+
+    assert not list((tmp_path / "checkpoints").glob(".qwen-*"))  # work and staging folders gone
+    assert sorted(p.name for p in trained.iterdir()) == [
+        "README.md",  # PEFT's model card
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "chat_template.jinja",
+        "qwen_pipeline.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    manifest = json.loads((trained / "qwen_pipeline.json").read_text())
+    assert manifest["kind"] == "adapter"
+    assert manifest["base_model"] == ModelConfig().model_name_or_path
+    assert manifest["finetuning_type"] == "lora"
+    assert manifest["data_fingerprint"] == data_fingerprint(dataset["train"]) == summary["data_fingerprint"]
+    assert manifest["training"]["global_steps"] == 4
+    bundle = ModelDataset(filepath=str(trained)).load()
     ids = torch.tensor([dataset["train"][0]["input_ids"]])
     with torch.no_grad():
-        trained = result.model.eval()(ids).logits
-        with result.model.disable_adapter():
-            base = result.model(ids).logits
-    assert float((trained - base).abs().max()) > 0.1
+        tuned = bundle.model.eval()(ids).logits
+        with bundle.model.disable_adapter():
+            base = bundle.model(ids).logits
+    assert float((tuned - base).abs().max()) > 0.1
 
 
 COMMON = {
@@ -93,3 +154,69 @@ def test_worker_failure_is_a_clear_error(dataset, tmp_path, monkeypatch):
     config = TrainConfig(nproc_per_node=2, max_steps=1, output_dir=str(tmp_path / "bad"))
     with pytest.raises(launcher.TrainingError, match=r"torchrun exited with code 1; the last lines of its workers"):
         launcher.train(dataset, ModelConfig(model_name_or_path=str(tmp_path / "no-such-model")), config)
+    assert list((tmp_path / "bad").iterdir()) == []  # no work or staging folder left behind
+
+
+def test_two_nodes_launcher_and_its_logged_command_give_the_losses_of_one(
+    dataset, one_process_losses, tmp_path, monkeypatch, caplog
+):
+    """Multi-node on one machine: the launcher as node 0 (NNODES=2, NODE_RANK=0) logs the worker command
+    for the other node; that command, run with NODE_RANK=1, trains together with it, one process a node,
+    batch 2 each: the losses of one process with batch 4."""
+    import psutil
+
+    port, shared = free_port(), tmp_path / "shared"
+    for name, value in {"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("QWEN_PIPELINE_WORK_DIR", str(shared))
+    # a stray worker gives up after 5 minutes instead of gloo's 30
+    config = TrainConfig(per_device_train_batch_size=2, output_dir=str(tmp_path / "ckpt"), ddp_timeout=300, **COMMON)
+
+    logged: queue.Queue[str] = queue.Queue()
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.put(record.getMessage())
+    caplog.set_level(logging.INFO, logger=launcher.logger.name)
+    launcher.logger.addHandler(handler)
+    outcome: dict[str, object] = {}
+
+    def node_0() -> None:
+        try:
+            outcome["trained"] = launcher.train(dataset, ModelConfig(), config)
+        except BaseException as error:  # handed to the test's thread, which asserts on it
+            outcome["error"] = error
+
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
+    thread = threading.Thread(target=node_0, daemon=True)
+    thread.start()
+    try:
+        message = next_message_starting(logged, "On each other node", seconds=120)
+        expected = (
+            f"On each other node, with NODE_RANK set to its rank, run: {sys.executable} -m torch.distributed.run"
+            " --nproc_per_node=1 --nnodes=2 --node_rank=$NODE_RANK --master_addr=127.0.0.1"
+            f" --master_port={port} -m qwen_pipeline.training {shared}/.qwen-train-"
+        )
+        assert message.startswith(expected), message
+        command = message.split(" run: ", 1)[1]
+        node_1 = subprocess.run(
+            ["bash", "-c", command],  # as a user pastes it, $NODE_RANK from the environment
+            env={**os.environ, "NODE_RANK": "1"},
+            capture_output=True,
+            text=True,
+            timeout=480,
+        )
+        assert node_1.returncode == 0, node_1.stdout[-3000:]
+        thread.join(timeout=120)
+        assert not thread.is_alive(), "node 0 did not finish after node 1 did"
+    finally:
+        launcher.logger.removeHandler(handler)
+        for child in psutil.Process().children(recursive=True):  # only what this test started; never hang
+            if child.pid not in before:
+                child.kill()
+        thread.join(timeout=30)
+    assert "error" not in outcome, outcome.get("error")
+    trained = outcome["trained"]
+    assert trained.path.parent == shared and [p.name for p in shared.iterdir()] == [trained.path.name]
+    assert trained.kind == "adapter" and (trained.path / "adapter_model.safetensors").is_file()
+    two = [h["loss"] for h in trained.history]
+    # gloo all-reduce across the two nodes vs one batch: the DDP tolerance above
+    assert len(two) == 4 and two == pytest.approx(one_process_losses, rel=1e-4), (one_process_losses, two)

@@ -83,6 +83,27 @@ def test_mode_lowers_loss_and_round_trips(mode, small_dataset, tmp_path, embedde
     assert (tmp_path / "saved" / ("adapter_config.json" if kind == "adapter" else "config.json")).exists()
 
 
+def test_data_fingerprint_is_the_digest_of_the_whole_columns(small_dataset):
+    """Streamed chunk by chunk, it stays the digest of the combined columns (older checkpoint folders resume)."""
+    import hashlib
+
+    import numpy as np
+    import pyarrow as pa
+    from datasets import Dataset
+
+    train = small_dataset["train"]
+    chunked = Dataset(pa.Table.from_batches(train.data.table.to_batches(max_chunksize=5)))
+    digest = hashlib.sha256()
+    for name in ("input_ids", "labels"):
+        column = train.data.table.column(name).combine_chunks()
+        digest.update(np.asarray(column.offsets).tobytes())
+        digest.update(np.asarray(column.flatten()).astype(np.int64).tobytes())
+    assert data_fingerprint(train) == data_fingerprint(chunked) == digest.hexdigest()
+    # a split stored as a row order over shared files hashes as its rows, without a flattened copy
+    order = list(range(len(train)))[::-1]
+    assert data_fingerprint(train.select(order)) == data_fingerprint(Dataset.from_dict(train.select(order).to_dict()))
+
+
 def test_freeze_trains_only_the_last_layers(small_dataset, tmp_path):
     from qwen_pipeline.training.recipe import load_model, wrap
 

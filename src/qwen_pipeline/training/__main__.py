@@ -1,7 +1,8 @@
 """The training worker torchrun starts on every process: ``python -m qwen_pipeline.training WORK``.
 
-WORK holds ``dataset/`` (save_to_disk) and ``config.json``; rank 0 writes ``model/`` and
-``result.json`` back. Multi-node users start this same command on each node (README).
+WORK holds ``config.json`` and the dataset (``launcher.write_work_folder``); rank 0 writes ``model/``
+(weights or adapter, and tokenizer) and ``result.json`` back. Multi-node users start this same
+command on each node (README).
 """
 
 from __future__ import annotations
@@ -12,21 +13,27 @@ import os
 import sys
 from pathlib import Path
 
-from datasets import load_from_disk
-
-from ..config import ModelConfig, TrainConfig, parse_config
-from .recipe import run_sft
+from .launcher import read_work_folder, train_and_save
 
 
 def main(work: Path) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    configs = json.loads((work / "config.json").read_text())
-    model_config = parse_config(ModelConfig, configs["model"], "model")
-    config = parse_config(TrainConfig, configs["train"], "train")
-    result = run_sft(load_from_disk(str(work / "dataset")), model_config, config, save_to=work / "model")
-    if int(os.environ.get("RANK", "0")) == 0:  # rank-0-only work: write what the node reads back
-        result.tokenizer.save_pretrained(str(work / "model"))
+    dataset, model_config, config = read_work_folder(work)
+    result = train_and_save(dataset, model_config, config, work / "model")
+    if int(os.environ.get("RANK", "0")) == 0:  # rank-0-only work: what the launcher reads back
         (work / "result.json").write_text(json.dumps({"history": result.history, "summary": result.summary}))
+    _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Every rank waits for the others, then closes the process group before the interpreter exits:
+    left to exit-time destructors, a rank's communication threads were seen to abort it (SIGABRT)
+    after training had finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from datasets import DatasetDict
 
 from ..config import ModelConfig, TrainConfig
 from ..models import load_tokenizer
-from .packing import FlatCollator, pack, padding_share
+from .packing import FlatCollator, labelled_tokens, pack, padding_share, row_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -100,24 +100,6 @@ def wrap(model, config: TrainConfig):
     return model  # full: every parameter trains
 
 
-def token_mean_loss(outputs, labels, num_items_in_batch=None):
-    """Next-token loss summed over labelled positions, divided by the labelled tokens of the whole
-    global batch (all processes, all accumulation steps) when the Trainer provides that count, so
-    N processes x batch b train exactly like 1 process x batch N*b."""
-    import torch.nn.functional as F
-
-    if outputs.logits.shape[1] == labels.shape[1]:
-        logits = outputs.logits[:, :-1].float().flatten(0, 1)
-        target = labels[:, 1:].flatten().to(logits.device)
-    else:  # logits kept only where the next token is learned (FlatCollator's logits_to_keep)
-        logits = outputs.logits[0].float()
-        shifted = labels[0, 1:].to(logits.device)
-        target = shifted[shifted != -100]
-    total = F.cross_entropy(logits, target, ignore_index=-100, reduction="sum")
-    count = num_items_in_batch if num_items_in_batch is not None else (target != -100).sum()
-    return total / count
-
-
 def checkpoint_dir(fingerprint: str, model_config: ModelConfig, config: TrainConfig) -> Path:
     """One checkpoint folder per (data fingerprint, model, hyperparameters): a rerun of the same command
     resumes; a changed one starts fresh instead of resuming someone else's optimizer state."""
@@ -127,17 +109,21 @@ def checkpoint_dir(fingerprint: str, model_config: ModelConfig, config: TrainCon
 
 
 def data_fingerprint(split) -> str:
-    """Hash of the token ids and labels themselves (HF's own fingerprints differ between equal datasets)."""
+    """Hash of the token ids and labels themselves (HF's own fingerprints differ between equal datasets):
+    per column, the offsets of the lists, then every value as int64, streamed an Arrow chunk at a time."""
     import numpy as np
     import pyarrow as pa
 
-    if split._indices is not None:
-        split = split.flatten_indices()
     digest = hashlib.sha256()
     for name in ("input_ids", "labels"):
-        column = pa.chunked_array(split.data.table.column(name)).combine_chunks()
-        digest.update(np.asarray(column.offsets).tobytes())
-        digest.update(np.asarray(column.flatten()).astype(np.int64).tobytes())
+        offsets = np.concatenate([[0], np.cumsum(row_lengths(split, name))])
+        large = pa.types.is_large_list(split.data.table.column(name).type)
+        digest.update(offsets.astype(np.int64 if large else np.int32).tobytes())
+        # In row order, through an indices mapping if there is one (a split stored as an order over shared
+        # files): nothing is copied to a flattened file first.
+        for batch in split.select_columns([name]).with_format("arrow").iter(batch_size=1 << 16):
+            for chunk in batch.column(0).chunks:
+                digest.update(np.asarray(chunk.flatten()).astype(np.int64).tobytes())
     return digest.hexdigest()
 
 
@@ -162,7 +148,9 @@ def run_sft(
 ) -> TrainResult:
     """Train; with ``save_to`` (every rank must pass it) the Trainer also writes the model there,
     gathering ZeRO-3 partitions first."""
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+    from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
+
+    from .loss import SFTTrainer
 
     set_seed(config.seed)
     # Load
@@ -233,13 +221,12 @@ def run_sft(
     logger.info(
         "Batching: %s", ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in batching.items())
     )
-    trainer = Trainer(
+    trainer = SFTTrainer(  # the output head only on labelled positions (training/loss.py)
         model=model,
         args=args,
         train_dataset=train_set,
         eval_dataset=dataset["validation"] if "validation" in dataset else None,
         data_collator=collator,
-        compute_loss_func=token_mean_loss,
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -253,8 +240,8 @@ def run_sft(
         for entry in trainer.state.log_history
         if "loss" in entry
     ]
-    label_tokens = sum(sum(1 for x in labels if x != -100) for labels in dataset["train"]["labels"])
-    input_tokens = sum(len(ids) for ids in dataset["train"]["input_ids"])  # non-padding
+    label_tokens = labelled_tokens(dataset["train"])  # from the Arrow buffers: no token becomes a Python int
+    input_tokens = int(row_lengths(dataset["train"]).sum())  # non-padding
     epochs = min(args.num_train_epochs, trainer.state.epoch or 0.0)
     summary = {
         "train_runtime_s": round(seconds, 2),

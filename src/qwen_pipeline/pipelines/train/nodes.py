@@ -1,4 +1,8 @@
-"""Train: LoRA SFT of the base model on the tokenized dataset (the recipe lives in ``training/``)."""
+"""Train: LoRA SFT of the base model on the tokenized dataset (the recipe lives in ``training/``).
+
+The model is saved by the process that trained it (rank 0 under torchrun); the node hands that folder
+to the ``trained_model`` dataset, which moves it into place: the weights are never loaded here.
+"""
 
 from __future__ import annotations
 
@@ -9,25 +13,26 @@ from typing import Any
 from datasets import DatasetDict
 
 from ...config import ConfigError, ModelConfig, TrainConfig, parse_config
-from ...datasets import ModelBundle
+from ...datasets import ModelFiles
 from ...training.checks import environment_problems
 from ...training.launcher import train
 
 
 def train_model(
     sft_dataset: DatasetDict, model_params: dict[str, Any], params: dict[str, Any]
-) -> tuple[ModelBundle, dict[int, float], dict[str, list], dict[str, Any], dict[str, Any], Any]:
-    """The trained model, per-step loss, learning-rate and grad-norm curves, a summary, its metrics, a loss plot."""
+) -> tuple[ModelFiles, dict[int, float], dict[str, list], dict[str, Any], dict[str, Any], Any]:
+    """The trained model's files, per-step loss, learning-rate and grad-norm curves, a summary, its metrics,
+    a loss plot."""
     model_config = parse_config(ModelConfig, model_params, "model")
     config = parse_config(TrainConfig, params, "train")
     if problems := environment_problems(config):  # before any model is loaded
         raise ConfigError(problems)
     result = train(sft_dataset, model_config, config)
-    bundle = ModelBundle(
-        model=result.model,
-        tokenizer=result.tokenizer,
-        base_model=model_config.model_name_or_path,
-        info={
+    model = ModelFiles(
+        path=result.path,
+        manifest={
+            "kind": result.kind,
+            "base_model": model_config.model_name_or_path,
             "finetuning_type": config.finetuning_type,
             "quantization_bit": config.quantization_bit,
             "data_fingerprint": result.summary["data_fingerprint"],
@@ -45,7 +50,7 @@ def train_model(
         for key, value in result.summary.items()
         if isinstance(value, (int, float))
     }
-    return bundle, loss_history, curves, result.summary, metrics, plot_loss(loss_history)
+    return model, loss_history, curves, result.summary, metrics, plot_loss(loss_history)
 
 
 def smooth(values: list[float]) -> list[float]:
