@@ -99,21 +99,32 @@ def write_data(folder: Path, n: int) -> list[str]:
     return list(info)
 
 
-def run_ours(dataset_dir: str, datasets: list[str], cutoff_len: int, out: str, compare: bool) -> dict:
-    """One pass of our stages on the files, tokenizer already loaded (as on the LLaMA-Factory side)."""
-    from qwen_pipeline.config import FormatConfig
+def stages(dataset_dir: str, datasets: list[str], format_params: dict):
+    """ingest -> validate -> format, one process, as the nodes run them (no previous run to reuse)."""
     from qwen_pipeline.datasets import DatasetInfoDataset
-    from qwen_pipeline.models import EMBEDDED_MODEL, load_tokenizer
-    from qwen_pipeline.pipelines.format.nodes import _tokenize
+    from qwen_pipeline.models import EMBEDDED_MODEL
+    from qwen_pipeline.pipelines.format.nodes import tokenize_conversations
     from qwen_pipeline.pipelines.ingest.nodes import ingest_datasets
     from qwen_pipeline.pipelines.validate.nodes import validate_conversations
 
-    tokenizer = load_tokenizer(EMBEDDED_MODEL)
-    config = FormatConfig(cutoff_len=cutoff_len, compare_tokenizations=compare)
-    started = time.perf_counter()
+    processing = {"num_proc": 1}
     raw = DatasetInfoDataset(filepath=str(Path(dataset_dir) / "dataset_info.json")).load()
-    kept, _, _, _ = validate_conversations(ingest_datasets(raw, {"dataset": datasets})[0], {})
-    splits, report, _ = _tokenize(kept, config, tokenizer)
+    records, _ = ingest_datasets(raw, None, {"dataset": datasets}, processing)
+    kept, _, _, _ = validate_conversations(records.data, None, {}, processing)
+    if format_params is None:
+        return kept.data
+    model = {"model_name_or_path": EMBEDDED_MODEL}
+    splits, report, _ = tokenize_conversations(kept.data, None, model, format_params, processing)
+    return splits.data, report
+
+
+def run_ours(dataset_dir: str, datasets: list[str], cutoff_len: int, out: str, compare: bool) -> dict:
+    """One pass of our stages on the files, tokenizer already loaded (as on the LLaMA-Factory side)."""
+    from qwen_pipeline.models import EMBEDDED_MODEL, load_tokenizer
+
+    load_tokenizer(EMBEDDED_MODEL)
+    started = time.perf_counter()
+    splits, report = stages(dataset_dir, datasets, {"cutoff_len": cutoff_len, "compare_tokenizations": compare})
     seconds = time.perf_counter() - started
     train = splits["train"]
     with open(out, "w") as f:
@@ -125,15 +136,11 @@ def run_ours(dataset_dir: str, datasets: list[str], cutoff_len: int, out: str, c
 def run_ceiling(dataset_dir: str, datasets: list[str]) -> dict:
     """The ceiling: one batched call of the Rust tokenizer over the same rendered texts."""
     from qwen_pipeline.conversation import Conversation
-    from qwen_pipeline.datasets import DatasetInfoDataset
     from qwen_pipeline.models import EMBEDDED_MODEL, load_tokenizer
-    from qwen_pipeline.pipelines.ingest.nodes import ingest_datasets
-    from qwen_pipeline.pipelines.validate.nodes import validate_conversations
     from qwen_pipeline.template import turn_pieces
 
     tokenizer = load_tokenizer(EMBEDDED_MODEL)
-    raw = DatasetInfoDataset(filepath=str(Path(dataset_dir) / "dataset_info.json")).load()
-    kept, _, _, _ = validate_conversations(ingest_datasets(raw, {"dataset": datasets})[0], {})
+    kept = stages(dataset_dir, datasets, None).to_list()
     texts = ["".join(p for s, t in turn_pieces(Conversation.from_dict(c)) for p in (*s, t)) for c in kept]
     started = time.perf_counter()
     tokenizer(texts, add_special_tokens=False)

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+RAW = ROOT / "data" / "01_raw"
 COMMON = {
     "lora_rank": 8,
     "lora_alpha": 16,
@@ -31,22 +32,42 @@ COMMON = {
 }
 
 
+def demo_conversations() -> list:
+    """The demo records of data/01_raw as conversations, read here rather than through the ingest and
+    validate nodes (whose signatures are changing): alpaca history pairs then instruction + "\n" + input
+    -> answer; sharegpt human/gpt turns, a leading system turn as the system prompt; records without an
+    answer or of a bad shape dropped, as ingest and validate drop them."""
+    from qwen_pipeline.conversation import Conversation, Message, Source
+
+    conversations = []
+    for i, record in enumerate(json.loads((RAW / "alpaca_demo.json").read_text())):
+        if not isinstance(record.get("output"), str):
+            continue  # no answer: ingest rejects it
+        turns = [turn for pair in record.get("history") or [] for turn in zip(("user", "assistant"), pair)]
+        prompt = "\n".join(part for part in (record["instruction"], record.get("input")) if part)
+        turns += [("user", prompt), ("assistant", record["output"])]
+        source = Source("alpaca_demo", "alpaca_demo.json", i)
+        conversations.append(Conversation(tuple(Message(*t) for t in turns), source, system=record.get("system")))
+    roles = {"human": "user", "gpt": "assistant"}
+    for i, record in enumerate(json.loads((RAW / "sharegpt_demo.json").read_text())):
+        turns = record["conversations"]
+        system = turns[0]["value"] if turns and turns[0]["from"] == "system" else None
+        messages = tuple(Message(roles[t["from"]], t["value"]) for t in turns[system is not None :])
+        conversations.append(Conversation(messages, Source("sharegpt_demo", "sharegpt_demo.json", i), system=system))
+    return [c for c in conversations if not c.problems()]
+
+
 def demo_dataset(cutoff_len: int):
-    from datasets import DatasetDict
+    """The demo conversations through the qwen template (as the format stage does), one train split."""
+    from datasets import Dataset, DatasetDict
 
-    from qwen_pipeline.datasets import DatasetInfoDataset
-    from qwen_pipeline.models import EMBEDDED_MODEL
-    from qwen_pipeline.pipelines.format.nodes import tokenize_conversations
-    from qwen_pipeline.pipelines.ingest.nodes import ingest_datasets
-    from qwen_pipeline.pipelines.validate.nodes import validate_conversations
+    from qwen_pipeline.models import EMBEDDED_MODEL, load_tokenizer
+    from qwen_pipeline.template import TemplateOptions, encode_conversations
 
-    raw = DatasetInfoDataset(filepath=str(ROOT / "data/01_raw/dataset_info.json")).load()
-    kept, _, _, _ = validate_conversations(ingest_datasets(raw, {"dataset": ["alpaca_demo", "sharegpt_demo"]})[0], {})
-    with tempfile.TemporaryDirectory() as cache:
-        splits, _, _ = tokenize_conversations(
-            kept, {"model_name_or_path": EMBEDDED_MODEL}, {"cutoff_len": cutoff_len, "cache_dir": cache}
-        )
-    return DatasetDict({"train": splits["train"]})
+    tokenizer = load_tokenizer(EMBEDDED_MODEL)
+    encoded = encode_conversations(demo_conversations(), tokenizer, TemplateOptions(cutoff_len=cutoff_len))
+    columns = {"input_ids": [e.input_ids for e in encoded], "labels": [e.labels for e in encoded]}
+    return DatasetDict({"train": Dataset.from_dict(columns)})
 
 
 def run_ours(mode: str, cutoff_len: int) -> dict:

@@ -18,6 +18,8 @@ def main() -> None:
     parser.add_argument("--datasets", required=True)
     parser.add_argument("--cutoff-len", type=int, default=1024)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--workers", type=int, default=None, help="preprocessing_num_workers (default: one process)")
+    parser.add_argument("--no-dump", action="store_true", help="time only; write no ids")
     args = parser.parse_args()
 
     from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
@@ -36,7 +38,7 @@ def main() -> None:
                 "finetuning_type": "lora",
                 "output_dir": out,
                 "overwrite_cache": True,
-                "preprocessing_num_workers": None,
+                "preprocessing_num_workers": args.workers,
                 "cutoff_len": args.cutoff_len,
                 "report_to": "none",
             }
@@ -47,11 +49,11 @@ def main() -> None:
         module = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
         seconds = time.perf_counter() - started
         train = module["train_dataset"]
-        rows = list(zip(train["input_ids"], train["labels"]))
+        rows = [] if args.no_dump else list(zip(train["input_ids"], train["labels"]))
     with open(args.out, "w") as f:
         for ids, labels in rows:
             f.write(json.dumps([ids, labels]) + "\n")
-    print(json.dumps({"seconds": seconds, "records": len(rows)}))
+    print(json.dumps({"seconds": seconds, "records": len(train)}))
 
 
 if __name__ == "__main__":
