@@ -167,8 +167,8 @@ def stage_seconds(log: str) -> dict[str, float]:
     started, seconds = {}, {}
     for line in log.splitlines():
         parts = line.split("|", 2)
-        if len(parts) != 3:
-            continue
+        if len(parts) != 3 or not re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+", parts[0]):
+            continue  # not a log record (a progress bar has "|" too)
         when = datetime.strptime(parts[0], "%Y-%m-%d %H:%M:%S,%f").timestamp()
         if match := re.match(r"Running node: (\w+)", parts[2]):
             started[match.group(1)] = when
