@@ -89,7 +89,7 @@ def test_cpu_smoke_runs_every_section(tmp_path, embedded_dir):
         assert row["tokens_per_s"] == pytest.approx(details["measured_tokens"] / details["measured_seconds"], rel=2e-3)
         assert math.isfinite(details["first_loss"]) and math.isfinite(details["last_loss"])
     check = merge["details"]
-    assert check["passed"] and check["tolerance"] == 1e-4 and check["max_abs_logit_diff"] < 1e-4
+    assert check["passed"] and 0 < check["max_abs_logit_diff"] <= check["tolerance"] < 0.1
     assert (check["export_dtype"], check["export_device"], check["top1_agreement"]) == ("float32", "cpu", 1.0)
     result = evaluate["details"]
     assert math.isfinite(result["eval_loss"]) and result["eval_tokens"] > 0
