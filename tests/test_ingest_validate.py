@@ -10,6 +10,7 @@ from helpers import ingest, validate
 from kedro.io import DatasetError
 
 from qwen_pipeline.datasets import DatasetInfoDataset
+from qwen_pipeline.pipelines.validate.nodes import WARNING_TEXT
 
 ALPACA_OK = {"instruction": "Add 2 and 3.", "input": "", "output": "5"}
 SHAREGPT_OK = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
@@ -46,7 +47,6 @@ CASES = [
         {"instruction": 3, "output": "y"},
         "column 'instruction': expected a string, got int",
     ),
-    ("empty prompt", "alpaca", {"instruction": "", "input": "", "output": "y"}, "message 0: empty user content"),
     ("not an object", "alpaca", ["instruction", "output"], "expected a JSON object, got list"),
     (
         "history item not a pair",
@@ -189,9 +189,94 @@ def test_demo_data_keeps_all_but_the_two_planted_errors():
     assert metrics["alpaca_demo.kept"] == {"value": 240.0, "step": 0}
 
 
-def test_empty_answers_are_kept_with_a_warning(tmp_path, caplog):
-    raw = write_dataset(tmp_path, [ALPACA_OK, {"instruction": "say nothing", "output": ""}])
+def run_with(raw, **validate_params):
+    records, _ = ingest(raw, {"dataset": ["demo"]})
+    return validate(records, {"max_rejected_share": 1.0, **validate_params})
+
+
+def call(name="lookup"):
+    return {"from": "function_call", "value": json.dumps({"name": name, "arguments": {}})}
+
+
+# (kind, formatting, a suspect record, the detail named): LLaMA-Factory 0.9.5 trains on each of these.
+SUSPECT = [
+    ("empty_prompt", "alpaca", {"instruction": "", "input": "", "output": "y"}, "message 0: empty user content"),
+    ("empty_prompt", "alpaca", {"instruction": " \n\t", "output": "y"}, "message 0: empty user content"),
+    ("empty_answer", "alpaca", {"instruction": "say nothing", "output": ""}, "message 1: empty assistant content"),
+    (
+        "call_without_observation",
+        "sharegpt",
+        {
+            "conversations": [
+                {"from": "human", "value": "q"},
+                call(),
+                {"from": "human", "value": "and?"},
+                {"from": "gpt", "value": "a"},
+            ]
+        },  # fmt: skip
+        "message 1: function call followed by a user message",
+    ),
+    (
+        "observation_without_call",
+        "sharegpt",
+        {
+            "conversations": [
+                {"from": "human", "value": "q"},
+                {"from": "gpt", "value": "a"},
+                {"from": "observation", "value": "{}"},
+                {"from": "gpt", "value": "b"},
+            ]
+        },  # fmt: skip
+        "message 2: observation with no function call before it",
+    ),
+    (
+        "observation_without_call",
+        "sharegpt",
+        {"conversations": [{"from": "observation", "value": "{}"}, {"from": "gpt", "value": "b"}]},
+        "message 0: observation with no function call before it",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "formatting", "suspect", "detail"), SUSPECT, ids=[f"{c[0]}-{i}" for i, c in enumerate(SUSPECT)]
+)
+def test_suspect_record_is_kept_with_a_warning_or_rejected_when_asked(
+    tmp_path, caplog, kind, formatting, suspect, detail
+):
+    good = ALPACA_OK if formatting == "alpaca" else SHAREGPT_OK
+    raw = write_dataset(tmp_path, [good, suspect, good], formatting)
     with caplog.at_level(logging.WARNING):
-        kept, _, report, _ = run(raw)
-    assert len(kept) == 2 and report["empty_answers"] == 1
-    assert "1 kept conversations have an empty answer: they train only on <|im_end|>" in caplog.text
+        kept, rejected, report, _ = run_with(raw)
+    assert (report["read"], report["kept"], report["rejected"], rejected) == (3, 3, 0, [])
+    assert report["warnings"] == {
+        kind: {"records": 1, "examples": [{"dataset": "demo", "file": "data.json", "index": 1, "detail": detail}]}
+    }
+    assert f"1 kept conversations where {WARNING_TEXT[kind]}; LLaMA-Factory trains on them too. " in caplog.text
+    assert f"E.g. data.json record 1: {detail}. To reject them: validate.reject: [{kind}]" in caplog.text
+
+    kept, rejected, report, _ = run_with(raw, reject=[kind])
+    assert (report["read"], report["kept"], report["rejected"], report["warnings"]) == (3, 2, 1, {})
+    reason = f"{detail} (validate.reject: {kind})"
+    assert [(r["file"], r["index"], r["reason"]) for r in rejected] == [("data.json", 1, reason)]
+    assert [k["index"] for k in kept] == [0, 2]
+
+
+def test_warnings_count_records_and_name_the_first_five(tmp_path):
+    empty = {"instruction": "", "output": "y"}
+    raw = write_dataset(tmp_path, [ALPACA_OK] + [empty] * 7 + [{"instruction": "", "output": ""}])
+    _, _, report, _ = run_with(raw)
+    assert report["warnings"]["empty_prompt"]["records"] == 8
+    assert [e["index"] for e in report["warnings"]["empty_prompt"]["examples"]] == [1, 2, 3, 4, 5]
+    detail = "message 1: empty assistant content"
+    assert report["warnings"]["empty_answer"] == {
+        "records": 1,
+        "examples": [{"dataset": "demo", "file": "data.json", "index": 8, "detail": detail}],
+    }
+
+
+def test_unknown_reject_kind_is_named(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"validate.reject: expected a list of one of 'empty_prompt', .*got \['empty'\]"
+    ):
+        run_with(write_dataset(tmp_path, [ALPACA_OK]), reject=["empty"])

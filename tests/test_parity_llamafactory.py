@@ -161,3 +161,23 @@ def test_openai_system_prompt_is_kept_as_written_by_default(tokenizer):
     # the tool call and the two tool results, as LLaMA-Factory reads them
     assert [m.role for m in plain[1].messages] == ["user", "function", "observation", "assistant"]
     assert plain[1].messages[2].content == '{"temp_c": 3}\n</tool_response>\n<tool_response>\n{"temp_c": 21}'
+
+
+def test_records_llamafactory_trains_on_are_kept_with_warnings():
+    """The edge set: every record LLaMA-Factory trains on is kept (ids above), the suspect ones counted."""
+    raw = DatasetInfoDataset(filepath=str(PARITY / "dataset_info.json")).load()
+    records, _ = ingest(raw, {"dataset": ["alpaca_edge", "sharegpt_edge"]})
+    kept, rejected, report, _ = validate(records, {})
+    assert len(kept) == len(GOLDEN["settings"]["edge"]["examples"]) == 14 and rejected == []
+    assert {kind: w["records"] for kind, w in report["warnings"].items()} == {
+        "empty_prompt": 6, "empty_answer": 2, "call_without_observation": 1, "observation_without_call": 2
+    }  # fmt: skip
+    found = {kind: [(e["file"], e["index"]) for e in w["examples"]] for kind, w in report["warnings"].items()}
+    assert found == {  # the first five of each kind
+        "empty_prompt": [("alpaca_edge.json", i) for i in (0, 1, 4)] + [("sharegpt_edge.json", i) for i in (0, 1)],
+        "empty_answer": [("alpaca_edge.json", 3), ("sharegpt_edge.json", 6)],
+        "call_without_observation": [("sharegpt_edge.json", 2)],
+        "observation_without_call": [("sharegpt_edge.json", 3), ("sharegpt_edge.json", 4)],
+    }
+    kept, rejected, report, _ = validate(records, {"reject": ["empty_prompt", "call_without_observation"]})
+    assert (len(kept), len(rejected), report["rejected"]) == (7, 7, 7)

@@ -26,6 +26,8 @@ SETTINGS = [
     ("openai", ["openai_parity"], {"cutoff_len": 1024}),
     ("interleave_under", TEXT, {"cutoff_len": 1024, "mix_strategy": "interleave_under", "interleave_probs": "0.3,0.7"}),
     ("interleave_over", TEXT, {"cutoff_len": 1024, "mix_strategy": "interleave_over"}),
+    # empty and whitespace prompts, empty answers, function calls with no tool result and tool results with no call
+    ("edge", ["alpaca_edge", "sharegpt_edge"], {"cutoff_len": 1024}),
 ]
 
 

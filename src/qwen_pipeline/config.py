@@ -14,6 +14,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar, Union
 
+from .conversation import WarningKind
 from .errors import QwenPipelineError
 from .models import EMBEDDED_MODEL
 
@@ -152,6 +153,8 @@ class ValidateConfig:
     """``params:validate``."""
 
     max_rejected_share: float = 0.5  # stop the run when more than this share of records is rejected
+    # Kept with a warning by default (LLaMA-Factory trains on them); listed here, rejected instead.
+    reject: list[WarningKind] = dataclasses.field(default_factory=list)
 
     def problems(self) -> list[str]:
         if not 0.0 <= self.max_rejected_share <= 1.0:
@@ -271,7 +274,9 @@ class MergeConfig:
     export_device: str = "cpu"  # where the merge arithmetic runs: cpu, auto (cuda when present), cuda, cuda:N
     export_legacy_format: bool = False  # write pytorch_model*.bin instead of safetensors
     method: Literal["auto", "streamed", "in_memory"] = "auto"  # auto: streamed, tensor by tensor, when possible
-    check_tolerance: float | None = None  # max |logit diff|; null: 1e-4 (float32), 2% of the logit range (16-bit)
+    check_tolerance: float | None = (
+        None  # max |logit diff|; null: 0.1% of the largest logit (float32), 2% of the range (16-bit)
+    )
     check_texts: list[str] = dataclasses.field(  # fixed inputs for the logit check (control tokens allowed)
         default_factory=lambda: [
             "<|im_start|>user\nMerging must not change what the model says.<|im_end|>\n"

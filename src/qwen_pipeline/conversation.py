@@ -19,6 +19,9 @@ ROLES: tuple[str, ...] = get_args(Role)
 # Roles that ask (the prompt side of a turn) and roles that answer (the target side).
 PROMPT_ROLES = ("user", "observation")
 ANSWER_ROLES = ("assistant", "function")
+# Shapes LLaMA-Factory trains on that validate keeps with a warning (``validate.reject`` turns them into rejects).
+WarningKind = Literal["empty_prompt", "empty_answer", "call_without_observation", "observation_without_call"]
+WARNING_KINDS: tuple[str, ...] = get_args(WarningKind)
 
 # A conversation as an Arrow row. ``split`` is "validation" for ingest.eval_dataset records;
 # ``error`` says why ingest could not convert a record (validate rejects it, then drops the column).
@@ -86,12 +89,31 @@ class Conversation:
             if message.role not in expected:
                 side = "a prompt (user/observation)" if i % 2 == 0 else "an answer (assistant/function)"
                 found.append(f"message {i}: role {message.role!r} where {side} was expected")
-            if not message.content.strip() and message.role in PROMPT_ROLES:
-                found.append(f"message {i}: empty {message.role} content")
             if message.role == "function":
                 found += [f"message {i}: {p}" for p in _function_call_problems(message.content)]
         if self.tools:
             found += [f"tools: {p}" for p in _tools_problems(self.tools)]
+        return found
+
+    def warnings(self) -> list[tuple[str, str]]:
+        """What LLaMA-Factory trains on but looks like a mistake in the data, as (kind, detail) pairs.
+
+        Kinds (``WARNING_KINDS``): ``empty_prompt`` (a user/observation message that is empty or
+        whitespace), ``empty_answer`` (an empty assistant message: it trains only on <|im_end|>),
+        ``call_without_observation`` (a function call answered by a user message, not by the
+        tool's result), ``observation_without_call`` (a tool result that follows no function call).
+        """
+        found = []
+        for i, message in enumerate(self.messages):
+            blank = not message.content.strip()
+            if blank and message.role in PROMPT_ROLES:
+                found.append(("empty_prompt", f"message {i}: empty {message.role} content"))
+            elif blank and message.role == "assistant":
+                found.append(("empty_answer", f"message {i}: empty assistant content"))
+            if message.role == "function" and i + 1 < len(self.messages) and self.messages[i + 1].role == "user":
+                found.append(("call_without_observation", f"message {i}: function call followed by a user message"))
+            if message.role == "observation" and (i == 0 or self.messages[i - 1].role != "function"):
+                found.append(("observation_without_call", f"message {i}: observation with no function call before it"))
         return found
 
     def to_dict(self) -> dict[str, Any]:

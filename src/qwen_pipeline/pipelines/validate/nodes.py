@@ -1,5 +1,8 @@
 """Validate: keep well-formed conversations; every other record goes to rejected records with a reason.
 
+Shapes LLaMA-Factory trains on but that look like mistakes in the data (an empty prompt, a function
+call with no tool result, ...) are kept, so the default training set is LLaMA-Factory's, and counted
+per kind in the report's ``warnings`` with examples; ``validate.reject`` lists kinds to reject instead.
 Invariant, checked and logged: records read = kept + rejected.
 """
 
@@ -12,13 +15,20 @@ from typing import Any
 from datasets import Dataset
 
 from ...config import ProcessingConfig, ValidateConfig, parse_config
-from ...data.checks import KEPT_SCHEMA, CheckResult, check_chunk
+from ...data.checks import KEPT_SCHEMA, CheckResult, ChunkChecker
 from ...data.fingerprint import stage_fingerprint
 from ...data.streaming import map_stage
 from ...datasets import StageOutput
 from ...errors import DataError
 
 logger = logging.getLogger(__name__)
+
+WARNING_TEXT = {
+    "empty_prompt": "a user or observation message is empty",
+    "empty_answer": "an assistant message is empty (that turn trains only on <|im_end|>)",
+    "call_without_observation": "a function call is followed by a user message, not by the tool's result",
+    "observation_without_call": "a tool result (observation) follows no function call",
+}
 
 
 def validate_conversations(
@@ -32,7 +42,8 @@ def validate_conversations(
         logger.info("Validate: records and parameters unchanged, reusing %d conversations", len(previous.data))
         rejected, report, metrics = previous.outputs
         return previous, rejected, {**report, "reused": True}, metrics
-    kept, results = map_stage("validate", raw_conversations, check_chunk, KEPT_SCHEMA, work)
+    check = ChunkChecker(frozenset(config.reject))
+    kept, results = map_stage("validate", raw_conversations, check, KEPT_SCHEMA, work)
     found = reduce(CheckResult.add, results, CheckResult())
     read, rejected = len(raw_conversations), found.rejected
     assert read == len(kept) + len(rejected)  # nothing vanishes
@@ -57,12 +68,20 @@ def validate_conversations(
         )
     if not len(kept):
         raise DataError(f"no valid records among {read}; see the rejected_records dataset")
-    report["empty_answers"] = found.empty_answers
-    if found.empty_answers:
+    report["warnings"] = {
+        kind: {"records": count, "examples": found.warning_examples[kind]} for kind, count in found.warnings.items()
+    }
+    for kind, count in found.warnings.most_common():
+        example = found.warning_examples[kind][0]
         logger.warning(
-            "%d kept conversations have an empty answer: they train only on <|im_end|> (LLaMA-Factory keeps them "
-            "too). Remove them from the data if that is not intended.",
-            found.empty_answers,
+            "%d kept conversations where %s; LLaMA-Factory trains on them too. E.g. %s record %d: %s. "
+            "To reject them: validate.reject: [%s]",
+            count,
+            WARNING_TEXT[kind],
+            example["file"],
+            example["index"],
+            example["detail"],
+            kind,
         )
     metrics = {key: {"value": float(report[key]), "step": 0} for key in ("read", "kept", "rejected")}
     for name, counts in report["by_dataset"].items():  # e.g. validate.alpaca_demo.rejected
