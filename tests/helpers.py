@@ -45,9 +45,10 @@ def ingest(raw, params: dict, **processing) -> tuple[list[dict], dict]:
 
 def validate(records: list[dict], params: dict, **processing):
     """The validate node without a previous run: kept conversations as dicts, rejected, report, metrics."""
-    from qwen_pipeline.pipelines.validate.nodes import validate_conversations
+    from qwen_pipeline.pipelines.validate.nodes import accept_conversations, validate_conversations
 
     out, rejected, report, metrics = validate_conversations(conversation_rows(records), None, params, processing)
+    out = accept_conversations(out, report, params)
     return out.data.to_list(), rejected, report, metrics
 
 

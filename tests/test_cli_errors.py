@@ -55,10 +55,18 @@ CASES = [
     ),
     (
         "too many rejected",
-        {"dataset_info.json": INFO, "a.json": json.dumps([GOOD, {"instruction": "x"}, {"output": 3}]), "b.json": "[]"},
+        {
+            "dataset_info.json": INFO,
+            "a.json": json.dumps([GOOD, {"instruction": "x"}, {"output": 3}, {"instruction": "y"}]),
+            "b.json": json.dumps(
+                [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}]
+            ),
+        },
         [],
-        "2 of 3 records rejected (67%), more than validate.max_rejected_share=0.5. Top reasons: "
-        "1 x missing column 'output'; 1 x column 'output': expected a string, got int.",
+        "3 of 5 records rejected (60%), more than validate.max_rejected_share=0.5. Top reasons: "
+        "2 x missing column 'output'; 1 x column 'output': expected a string, got int. "
+        "First rejected: dataset 'alpaca_demo' (a.json record 1, a.json record 2, a.json record 3). "
+        "Every record and its reason: the rejected_records dataset (data/08_reporting/rejected_records.json)",
     ),
 ]
 
@@ -79,3 +87,10 @@ def test_bad_input_gives_one_clear_error(tmp_path, model_cache, name, files, arg
     assert proc.returncode == 1
     assert "Traceback" not in proc.stdout + proc.stderr and "╭" not in proc.stderr
     assert "Error: " in proc.stderr and message in proc.stderr, proc.stderr[-3000:]
+    if name == "too many rejected":  # the run stopped after validate wrote what the error points to
+        reports = root / "data" / "08_reporting"
+        rejected = json.loads((reports / "rejected_records.json").read_text())
+        assert [(r["file"], r["index"]) for r in rejected] == [("a.json", 1), ("a.json", 2), ("a.json", 3)]
+        report = json.loads((reports / "validation_report.json").read_text())
+        assert (report["read"], report["kept"], report["rejected"]) == (5, 2, 3)
+        assert not (root / "data" / "02_intermediate" / "conversations").exists()  # nothing accepted

@@ -179,6 +179,8 @@ def test_viz_build_shows_the_lineage(project, model_cache):
         "ingest_datasets_node",
         "raw_conversations",
         "validate_conversations_node",
+        "validated_conversations",
+        "accept_conversations_node",
         "conversations",
         "tokenize_conversations_node",
         "sft_dataset",
@@ -201,6 +203,7 @@ def test_viz_build_shows_the_lineage(project, model_cache):
     assert sft_tasks == {
         "ingest_datasets_node",
         "validate_conversations_node",
+        "accept_conversations_node",
         "tokenize_conversations_node",
         "train_model_node",
     }

@@ -35,7 +35,15 @@ def test_folder_of_jsonl_files_is_read_in_name_order(tmp_path):
     records, report = ingest(load(tmp_path, {"file_name": "parts"}))
     assert prompts(records) == ["q0", "q1", "q2", "q3", "q4"]
     assert [(r["file"], r["index"]) for r in records][2:4] == [("parts/a.jsonl", 2), ("parts/b.jsonl", 0)]
-    assert report["datasets"]["d"] == {"read": 5, "selected": 5, "formatting": "alpaca", "in_mix": 5}
+    assert report["datasets"]["d"] == {
+        "read": 5,
+        "selected": 5,
+        "formatting": "alpaca",
+        "in_mix": 5,
+        "files": ["parts/a.jsonl", "parts/b.jsonl"],
+        "skipped_files": [],
+        "numbers_as_text": 0,
+    }
 
 
 @pytest.mark.parametrize("kind", ["csv", "parquet", "arrow"])

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import bisect
 import json
+import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -72,7 +73,7 @@ def _field(record: Any, column: str | None) -> Any:
 def _alpaca(record: dict[str, Any], columns: dict, tags: dict) -> dict[str, Any]:
     messages: list[dict[str, str]] = []
     history = _field(record, columns.get("history"))
-    if history is not None:
+    if history not in (None, ""):  # "" is no history, as LLaMA-Factory reads it
         if not isinstance(history, list):
             return {"error": f"column {columns['history']!r}: expected a list of [prompt, answer] pairs"}
         for n, pair in enumerate(history):
@@ -188,6 +189,87 @@ def _openai(record: dict[str, Any], columns: dict, tags: dict) -> dict[str, Any]
 
 
 CONVERTERS = {"alpaca": _alpaca, "sharegpt": _sharegpt, "openai": _openai}
+# Columns whose absence from every record of a dataset is an error (the others: a warning).
+REQUIRED_COLUMNS = {"alpaca": ("prompt", "response"), "sharegpt": ("messages",), "openai": ("messages",)}
+FORMATTING_COLUMNS = {
+    "alpaca": ("prompt", "query", "response", "history", "system", "tools"),
+    "sharegpt": ("messages", "system", "tools"),
+    "openai": ("messages", "system", "tools"),
+}
+TEXT_COLUMNS = ("prompt", "query", "response", "system")
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|true|false|True|False")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a JSON escape of a UTF-16 surrogate
+MAX_KEYS_SEEN = 200  # distinct top-level keys remembered, to name them when a mapped column is absent
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _DuplicateKey(f"key {twice!r} appears twice in one object: the first value would be lost")
+    return record
+
+
+def _lone_surrogate(value: Any, path: str = "") -> str | None:
+    """The path of the first string holding half of a surrogate pair (not Unicode text), if any."""
+    if isinstance(value, str):
+        return (path or "the record") if re.search("[\ud800-\udfff]", value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        where = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key
+        if found := _lone_surrogate(item, where):
+            return found
+    return None
+
+
+def parse_record(text: str) -> tuple[Any, str | None]:
+    """A record's JSON text as a value, or None and why it cannot be used (duplicate keys, lone surrogates)."""
+    try:
+        data = json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        return None, str(exc)
+    if _SURROGATE_ESCAPE.search(text) and (where := _lone_surrogate(data)):
+        return None, f"{where}: a lone UTF-16 surrogate escape (such as \\ud83d) is not text"
+    return data, None
+
+
+def numbers_as_text(record: dict[str, Any], columns: dict) -> tuple[dict[str, Any], int]:
+    """A table row with the numbers and booleans of its text columns as text; how many there were.
+
+    csv cells arrive as written (read as strings); a cell that spells a number counts too.
+    """
+    found = 0
+    for key in TEXT_COLUMNS:
+        column = columns.get(key)
+        value = record.get(column) if column else None
+        if isinstance(value, (bool, int, float)):
+            record = {**record, column: json.dumps(value)}
+            found += 1
+        elif isinstance(value, str) and _NUMBER.fullmatch(value):
+            found += 1
+    return record, found
+
+
+@dataclass
+class ConvertResult:
+    """What one chunk's conversion counted."""
+
+    ignored: Counter = field(default_factory=Counter)  # fields present but not mapped
+    keys: Counter = field(default_factory=Counter)  # top-level keys of the records (at most MAX_KEYS_SEEN)
+    numbers_as_text: int = 0
+
+    def add(self, other: ConvertResult) -> ConvertResult:
+        self.ignored.update(other.ignored)
+        for key, count in other.keys.items():
+            if key in self.keys or len(self.keys) < MAX_KEYS_SEEN:
+                self.keys[key] += count
+        self.numbers_as_text += other.numbers_as_text
+        return self
 
 
 @dataclass(frozen=True)
@@ -209,24 +291,29 @@ class ChunkConverter:
     split: str | None = None  # "validation" for ingest.eval_dataset
     openai_thinking_suffix: bool = False
 
-    def __call__(self, chunk: pa.Table, offset: int) -> tuple[pa.Table, Counter]:
+    def __call__(self, chunk: pa.Table, offset: int) -> tuple[pa.Table, ConvertResult]:
         starts = [start for start, _ in self.files]
         ignorable = ignorable_fields(self.formatting, self.columns)
         out: dict[str, list] = {name: [] for name in CONVERSATION_SCHEMA.names}
-        ignored: Counter = Counter()
+        result = ConvertResult()
         for n, record in enumerate(chunk.to_pylist()):
             row = int(self.rows[offset + n]) if self.rows is not None else offset + n
             part = bisect.bisect_right(starts, row) - 1
             if self.kind == "json":
                 error = record["error"]
-                data = None if error else json.loads(record["json"])
+                data, error = (None, error) if error else parse_record(record["json"])
             else:
-                error, data = None, record
+                (data, numbers), error = numbers_as_text(record, self.columns), None
+                result.numbers_as_text += numbers
             converted = {"error": error} if error else convert(self.formatting, data, self.columns, self.tags)
             if self.formatting == "openai" and self.openai_thinking_suffix:
                 converted = thinking_suffix(converted)
             if isinstance(data, dict):
-                ignored.update(key for key in ignorable if data.get(key) not in (None, "", []))
+                result.ignored.update(key for key in ignorable if data.get(key) not in (None, "", []))
+                present = (key for key, value in data.items() if value is not None)
+                if len(result.keys) >= MAX_KEYS_SEEN:
+                    present = (key for key in present if key in result.keys)
+                result.keys.update(present)
             values = {
                 "dataset": self.dataset,
                 "file": self.files[part][1],
@@ -237,4 +324,4 @@ class ChunkConverter:
             }
             for name, column in out.items():
                 column.append(values.get(name))
-        return pa.table(out, schema=CONVERSATION_SCHEMA), ignored
+        return pa.table(out, schema=CONVERSATION_SCHEMA), result

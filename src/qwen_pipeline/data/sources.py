@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +41,50 @@ class RawTable:
     data: Dataset
     files: tuple[tuple[int, str], ...]  # (first row, file name relative to dataset_info.json's folder)
     kind: Literal["json", "table"]
+    skipped: tuple[str, ...] = ()  # hidden files of a dataset folder (.DS_Store, ._*, Thumbs.db), not read
 
 
 def file_digest(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+# Byte-order marks, longest first (UTF-32 LE starts with UTF-16 LE's).
+_BOMS = (
+    (b"\xff\xfe\x00\x00", "utf-32"),
+    (b"\x00\x00\xfe\xff", "utf-32"),
+    (b"\xef\xbb\xbf", "utf-8-sig"),
+    (b"\xff\xfe", "utf-16"),
+    (b"\xfe\xff", "utf-16"),
+)
+# What invalid UTF-8 bytes become when read with errors="surrogateescape" (U+DC80..U+DCFF).
+_UNDECODED = re.compile("[\udc80-\udcff]")
+
+
+def text_encoding(path: Path) -> str:
+    """UTF-8 unless the file starts with a byte-order mark (UTF-8, UTF-16 or UTF-32: decoded)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    encoding = next((name for bom, name in _BOMS if head.startswith(bom)), None)
+    if encoding is None and b"\x00" in head:
+        raise DataSourceError(
+            f"{path}: starts with NUL bytes: UTF-16 or UTF-32 without a byte-order mark? Save it as UTF-8"
+        )
+    return encoding or "utf-8"
+
+
+def _open_text(path: Path):
+    # Invalid UTF-8 bytes stay readable as lone surrogates, so the record holding them can be named.
+    return open(path, encoding=text_encoding(path), errors="surrogateescape")
+
+
+def _undecoded(text: str, start: int = 0, end: int | None = None) -> tuple[int, str] | None:
+    """Where ``text[start:end]`` (read with surrogateescape) is not UTF-8, and why; None if it is."""
+    bad = _UNDECODED.search(text, start, len(text) if end is None else end)
+    if bad is None:
+        return None
+    byte = ord(bad.group()) - 0xDC00
+    return bad.start(), f"invalid UTF-8 byte 0x{byte:02x} (is the file in another encoding, such as latin-1?)"
 
 
 def read_files(files: list[Path], root: Path, kind: str, work: Path) -> RawTable:
@@ -57,6 +97,8 @@ def read_files(files: list[Path], root: Path, kind: str, work: Path) -> RawTable
             part = open_files([str(out)], RAW_SCHEMA)
         else:
             part = read_table(path, kind)
+        if not len(part):
+            raise DataSourceError(f"{path}: holds no records{' (an empty file)' if not path.stat().st_size else ''}")
         parts.append(part)
         starts.append((start, str(path.relative_to(root))))
         start += len(part)
@@ -81,9 +123,26 @@ def read_table(path: Path, kind: str) -> Dataset:
     import datasets
 
     try:
-        return datasets.load_dataset(kind, data_files=str(path), split="train")
+        return datasets.load_dataset(kind, data_files=str(path), split="train", **_csv_as_text(path, kind))
+    except DataSourceError:
+        raise
     except Exception as exc:
         raise DataSourceError(f"{path}: cannot read as {kind}: {type(exc).__name__}: {exc}") from exc
+
+
+def _csv_as_text(path: Path, kind: str) -> dict[str, Any]:
+    """For csv: every column as text, so a cell reads as written (``3``, not ``3.0``; ``007``)."""
+    if kind != "csv":
+        return {}
+    import csv
+
+    from datasets import Features, Value
+
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        header = next(csv.reader(f), None)
+    if not header:
+        raise DataSourceError(f"{path}: holds no records (no header line)")
+    return {"features": Features({name: Value("string") for name in header})}
 
 
 def read_hub(where: str, info: dict[str, Any]) -> RawTable:
@@ -124,7 +183,7 @@ def json_records(path: Path) -> Iterator[tuple[str | None, str | None]]:
 
 
 def _first_character(path: Path) -> str:
-    with open(path, encoding="utf-8") as f:
+    with _open_text(path) as f:
         while chunk := f.read(4096):
             if stripped := chunk.lstrip():
                 return stripped[0]
@@ -134,11 +193,16 @@ def _first_character(path: Path) -> str:
 def _lines(path: Path) -> Iterator[tuple[str | None, str | None]]:
     valid = seen = 0
     first_error = None
-    with open(path, encoding="utf-8") as f:
+    with _open_text(path) as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             seen += 1
+            if bad := _undecoded(line):
+                reason = f"line {line_no}, column {bad[0] + 1}: {bad[1]}"
+                first_error = first_error or reason
+                yield None, reason
+                continue
             try:
                 json.loads(line)
             except json.JSONDecodeError as exc:
@@ -155,7 +219,7 @@ def _lines(path: Path) -> Iterator[tuple[str | None, str | None]]:
 
 def _document_problem(path: Path) -> str:
     """Why a whole .json document is no list of records (read only as far as a record's limit)."""
-    with open(path, encoding="utf-8") as f:
+    with _open_text(path) as f:
         text = f.read(MAX_RECORD_CHARS)
     try:
         value = json.loads(text)
@@ -168,7 +232,7 @@ def _array_items(path: Path) -> Iterator[tuple[str, None]]:
     """Each item of a top-level JSON array as its text, decoded with the standard library's parser
     over a sliding window of the file (its errors, with their line numbers, name what is wrong)."""
     decoder = json.JSONDecoder()
-    with open(path, encoding="utf-8") as f:
+    with _open_text(path) as f:
         buffer, pos, lines_before, eof = "", 0, 0, False
 
         def more() -> bool:
@@ -178,9 +242,9 @@ def _array_items(path: Path) -> Iterator[tuple[str, None]]:
             buffer, pos, eof = buffer[pos:] + chunk, 0, not chunk
             return bool(chunk)
 
-        def fail(at: int, message: str) -> DataSourceError:
+        def fail(at: int, message: str, what: str = "invalid JSON at line") -> DataSourceError:
             line = lines_before + buffer.count("\n", 0, at) + 1
-            return DataSourceError(f"{path}: invalid JSON at line {line}: {message}")
+            return DataSourceError(f"{path}: {what} {line}: {message}")
 
         def skip_space() -> str:
             nonlocal pos
@@ -218,5 +282,7 @@ def _array_items(path: Path) -> Iterator[tuple[str, None]]:
                     more()
                     continue
                 break
+            if bad := _undecoded(buffer, pos, end):
+                raise fail(bad[0], bad[1], "line")
             yield buffer[pos:end], None
             pos, first = end, False

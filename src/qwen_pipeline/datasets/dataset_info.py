@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
@@ -14,6 +15,13 @@ from kedro.io import AbstractDataset
 from ..data.sources import FILE_TYPES, RawTable, file_digest, read_files, read_hub
 from ..data.streaming import staging_dir
 from ..errors import DataSourceError
+
+# Files operating systems leave in folders: skipped in a dataset folder (and named in the ingest report).
+HIDDEN_NAMES = {"Thumbs.db", "desktop.ini", "Icon\r"}
+
+
+def is_hidden(name: str) -> bool:
+    return name.startswith(".") or name in HIDDEN_NAMES
 
 
 @dataclass(frozen=True)
@@ -82,20 +90,21 @@ class DatasetInfoDataset(AbstractDataset[None, RawDatasets]):
         where = f"{self._filepath}, dataset {name!r}"
         if "hf_hub_url" in info:
             return read_hub(where, info)
-        root, files, kind = self._files(name, info)
-        return read_files(files, root, kind, staging_dir("raw"))
+        root, files, kind, skipped = self._files(name, info)
+        return dataclasses.replace(read_files(files, root, kind, staging_dir("raw")), skipped=tuple(skipped))
 
     def _fingerprint(self, name: str, info: dict[str, Any]) -> str:
         """The entry and each file's name, size and content hash (a hub dataset: its entry only)."""
         digest = hashlib.sha256(json.dumps(info, sort_keys=True).encode())
         if "hf_hub_url" not in info:
-            root, files, _ = self._files(name, info)
+            root, files, _, _ = self._files(name, info)
             for path in files:
                 digest.update(f"{path.relative_to(root)}\0{path.stat().st_size}\0{file_digest(path)}\0".encode())
         return digest.hexdigest()
 
-    def _files(self, name: str, info: dict[str, Any]) -> tuple[Path, list[Path], str]:
-        """The folder of dataset_info.json, the entry's files in order, and their one kind."""
+    def _files(self, name: str, info: dict[str, Any]) -> tuple[Path, list[Path], str, list[str]]:
+        """The folder of dataset_info.json, the entry's files in order, their one kind, and the hidden
+        files of a folder that were skipped."""
         where = f"{self._filepath}, dataset {name!r}"
         if "file_name" not in info:
             raise DataSourceError(
@@ -106,10 +115,20 @@ class DatasetInfoDataset(AbstractDataset[None, RawDatasets]):
         path = (root / info["file_name"]).resolve()
         if not path.is_relative_to(root):
             raise DataSourceError(f"{where}: file_name {info['file_name']!r} resolves outside {root}")
+        skipped: list[str] = []
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+            files = []
+            for entry in sorted(path.iterdir()):
+                if is_hidden(entry.name):
+                    skipped.append(str(entry.relative_to(root)))
+                    continue
+                target = entry.resolve()  # a link inside the folder may point anywhere
+                if not target.is_relative_to(root):
+                    raise DataSourceError(f"{where}: {entry.relative_to(root)} links to {target}, outside {root}")
+                if target.is_file():
+                    files.append(entry)
             if not files:
-                raise DataSourceError(f"{where}: folder {path} holds no files")
+                raise DataSourceError(f"{where}: folder {path} holds no data files")
         elif path.is_file():
             files = [path]
         else:
@@ -120,4 +139,4 @@ class DatasetInfoDataset(AbstractDataset[None, RawDatasets]):
             raise DataSourceError(f"{where}: unsupported file type {', '.join(bad)} (use {', '.join(FILE_TYPES)})")
         if len(set(kinds.values())) > 1:
             raise DataSourceError(f"{where}: folder {path} mixes file types {', '.join(sorted(kinds))}; use one")
-        return root, files, next(iter(kinds.values()))
+        return root, files, next(iter(kinds.values())), skipped

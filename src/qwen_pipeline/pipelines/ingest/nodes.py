@@ -9,14 +9,23 @@ rejects it. What mixing leaves out or repeats is counted in the ingest report.
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from functools import reduce
 from typing import Any
 
 from datasets import Dataset, concatenate_datasets
 
 from ...config import IngestConfig, ProcessingConfig, parse_config
 from ...conversation import CONVERSATION_SCHEMA
-from ...data.converters import FORMATTINGS, ChunkConverter, columns_and_tags, ignorable_fields
+from ...data.converters import (
+    DEFAULT_COLUMNS,
+    FORMATTING_COLUMNS,
+    FORMATTINGS,
+    REQUIRED_COLUMNS,
+    ChunkConverter,
+    ConvertResult,
+    columns_and_tags,
+    ignorable_fields,
+)
 from ...data.fingerprint import stage_fingerprint
 from ...data.mixing import mix, selected_rows
 from ...data.streaming import map_stage
@@ -60,6 +69,7 @@ def ingest_datasets(
         report["datasets"][name]["eval"] = len(part)
     records = concatenate_datasets([mixed, *held_out]) if held_out else mixed
     report["records"] = len(records)
+    _same_files(report)
     return StageOutput(records, key, (report,)), report
 
 
@@ -95,16 +105,55 @@ def _read_dataset(
         split=split,
         openai_thinking_suffix=config.openai_thinking_suffix,
     )
-    converted, ignored = map_stage("ingest", source, convert, CONVERSATION_SCHEMA, work)
-    ignored_counts = sum(ignored, start=Counter())
+    converted, results = map_stage("ingest", source, convert, CONVERSATION_SCHEMA, work)
+    found = reduce(ConvertResult.add, results, ConvertResult())
+    _check_mapped_columns(where, formatting, columns if "columns" in info else {}, found, table)
     for key in ignorable_fields(formatting, columns):
-        if not (count := ignored_counts[key]):
+        if not (count := found.ignored[key]):
             continue
         logger.warning(
             "%s: %d records have a %r field, but dataset_info.json maps no %r column, so it is ignored "
             '(LLaMA-Factory ignores it too). Add "%s": "%s" to "columns" to use it.',
             where, count, key, key, key, key,
         )  # fmt: skip
-    report["datasets"][name] = {"read": len(table.data), "selected": len(converted), "formatting": formatting}
+    report["datasets"][name] = {
+        "read": len(table.data),
+        "selected": len(converted),
+        "formatting": formatting,
+        "files": [file for _, file in table.files],
+        "skipped_files": list(table.skipped),
+        "numbers_as_text": found.numbers_as_text,
+    }
     logger.info("Read %d %s records of dataset %r, %d selected", len(table.data), formatting, name, len(converted))
+    if table.skipped:
+        logger.info("%s: skipped hidden files %s", where, ", ".join(table.skipped))
+    if found.numbers_as_text:
+        logger.info("%s: %d numbers or booleans in text columns read as text", where, found.numbers_as_text)
     return converted
+
+
+def _check_mapped_columns(where: str, formatting: str, mapped: dict, found: ConvertResult, table) -> None:
+    """A column that no record has is a mistake in dataset_info.json: an error for the columns a
+    conversation needs (mapped or LLaMA-Factory's defaults), a warning for others the entry maps."""
+    files = ", ".join(file for _, file in table.files)
+    has = ", ".join(sorted(found.keys)) or "no fields"
+    defaults = {key: DEFAULT_COLUMNS[key] for key in REQUIRED_COLUMNS[formatting]}
+    for key, column in ({**defaults, **mapped} if not mapped else mapped).items():
+        if not column or found.keys[column] or key not in FORMATTING_COLUMNS[formatting]:
+            continue
+        message = f"{where}: 'columns' maps {key} to {column!r}, but no record of {files} has it (records have: {has})"
+        if key in REQUIRED_COLUMNS[formatting]:
+            raise DataError(message)
+        logger.warning("%s", message)
+
+
+def _same_files(report: dict[str, Any]) -> None:
+    """Two datasets reading one file train on its records twice: say so."""
+    readers: dict[str, list[str]] = {}
+    for name, entry in report["datasets"].items():
+        for file in entry["files"]:
+            readers.setdefault(file, []).append(name)
+    shared = {file: names for file, names in readers.items() if len(names) > 1}
+    for file, names in shared.items():
+        logger.warning("%s is read by datasets %s: its records are used %d times", file, ", ".join(names), len(names))
+    report["shared_files"] = shared

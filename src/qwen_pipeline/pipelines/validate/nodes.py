@@ -23,6 +23,7 @@ from ...errors import DataError
 
 logger = logging.getLogger(__name__)
 
+EXAMPLES = 5  # rejected records named in the report and in the error that stops a run
 WARNING_TEXT = {
     "empty_prompt": "a user or observation message is empty",
     "empty_answer": "an assistant message is empty (that turn trains only on <|im_end|>)",
@@ -58,16 +59,7 @@ def validate_conversations(
     logger.info("Validated %d records: %d kept, %d rejected", read, len(kept), len(rejected))
     for reason, count in found.reasons.most_common(5):
         logger.info("  rejected %d x %s", count, reason)
-    share = len(rejected) / read if read else 0.0
-    if share > config.max_rejected_share:
-        top = "; ".join(f"{n} x {r}" for r, n in found.reasons.most_common(3))
-        raise DataError(
-            f"{len(rejected)} of {read} records rejected ({share:.0%}), more than "
-            f"validate.max_rejected_share={config.max_rejected_share}. Top reasons: {top}. "
-            "See the rejected_records dataset for each record."
-        )
-    if not len(kept):
-        raise DataError(f"no valid records among {read}; see the rejected_records dataset")
+    report["rejected_examples"] = [{k: r[k] for k in ("dataset", "file", "index")} for r in rejected[:EXAMPLES]]
     report["warnings"] = {
         kind: {"records": count, "examples": found.warning_examples[kind]} for kind, count in found.warnings.items()
     }
@@ -87,3 +79,34 @@ def validate_conversations(
     for name, counts in report["by_dataset"].items():  # e.g. validate.alpaca_demo.rejected
         metrics.update({f"{name}.{key}": {"value": float(v), "step": 0} for key, v in counts.items()})
     return StageOutput(kept, fingerprint, (rejected, report, metrics)), rejected, report, metrics
+
+
+def accept_conversations(validated: StageOutput, report: dict[str, Any], params: dict[str, Any]) -> StageOutput:
+    """The validated conversations, unless too many records were rejected: then the run stops here,
+    after the rejected records and the validation report of this run were written."""
+    config = parse_config(ValidateConfig, params, "validate")
+    read, rejected = report["read"], report["rejected"]
+    share = rejected / read if read else 0.0
+    examples = _describe(report["rejected_examples"])
+    if share > config.max_rejected_share:
+        top = "; ".join(f"{n} x {r}" for r, n in list(report["by_reason"].items())[:3])
+        raise DataError(
+            f"{rejected} of {read} records rejected ({share:.0%}), more than "
+            f"validate.max_rejected_share={config.max_rejected_share}. Top reasons: {top}. "
+            f"First rejected: {examples}. Every record and its reason: the rejected_records dataset "
+            "(data/08_reporting/rejected_records.json), counts in the validation report."
+        )
+    if not report["kept"]:
+        raise DataError(
+            f"no valid records among {read} (first rejected: {examples}); "
+            "see the rejected_records dataset (data/08_reporting/rejected_records.json)"
+        )
+    return validated
+
+
+def _describe(examples: list[dict[str, Any]]) -> str:
+    """Records named by dataset: "dataset 'a' (a.json record 1, a.json record 3); dataset 'b' (...)"."""
+    grouped: dict[str, list[str]] = {}
+    for example in examples:
+        grouped.setdefault(example["dataset"], []).append(f"{example['file']} record {example['index']}")
+    return "; ".join(f"dataset {name!r} ({', '.join(records)})" for name, records in grouped.items())
