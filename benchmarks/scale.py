@@ -234,21 +234,28 @@ def main() -> None:
     if args.one_process_at in args.records and args.num_proc != 1:
         # One process as it runs by default (the Rust tokenizer on every core), and on one core.
         plan += [(args.one_process_at, 1, True), (args.one_process_at, 1, False)]
-    for repeat in range(args.repeat):
-        for n, num_proc, threads in plan:
-            print(f"run {repeat + 1}/{args.repeat}: {n:,} records, num_proc {num_proc}", flush=True)
-            runs.append(measure(n, num_proc, args.data_dir, threads))
-    print("\n| records | num_proc | run | ingest s | validate s | format s | data stages s | records/s | "
-          "peak PSS tree MB | peak RSS largest process MB | kedro wall s |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in runs:
+
+    def rows(r):
         for kind in ("cold", "warm"):
             m = r[kind]
             total = sum(m["stages"].values())
             stages = m["stages"]
-            print(f"| {r['n']:,} | {r['label']} | {kind} | {stages['ingest']:.1f} | {stages['validate']:.1f} | "
-                  f"{stages['tokenize']:.1f} | {total:.1f} | {r['n'] / total:,.0f} | {m['tree_mb']:,.0f} | "
-                  f"{m['process_mb']:,.0f} | {m['wall']:.1f} |")  # fmt: skip
+            yield (f"| {r['n']:,} | {r['label']} | {kind} | {stages['ingest']:.1f} | {stages['validate']:.1f} | "
+                   f"{stages['tokenize']:.1f} | {total:.1f} | {r['n'] / total:,.0f} | {m['tree_mb']:,.0f} | "
+                   f"{m['process_mb']:,.0f} | {m['wall']:.1f} |")  # fmt: skip
+
+    for repeat in range(args.repeat):
+        for n, num_proc, threads in plan:
+            print(f"run {repeat + 1}/{args.repeat}: {n:,} records, num_proc {num_proc}", flush=True)
+            runs.append(measure(n, num_proc, args.data_dir, threads))
+            for row in rows(runs[-1]):  # as it comes, so an interrupted benchmark keeps what it measured
+                print("  " + row, flush=True)
+    print("\n| records | num_proc | run | ingest s | validate s | format s | data stages s | records/s | "
+          "peak PSS tree MB | peak RSS largest process MB | kedro wall s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        for row in rows(r):
+            print(row)
 
     def pick(n, num_proc):
         return [r for r in runs if r["n"] == n and r["num_proc"] == num_proc]
