@@ -168,7 +168,7 @@ def test_records_llamafactory_trains_on_are_kept_with_warnings():
     raw = DatasetInfoDataset(filepath=str(PARITY / "dataset_info.json")).load()
     records, _ = ingest(raw, {"dataset": ["alpaca_edge", "sharegpt_edge"]})
     kept, rejected, report, _ = validate(records, {})
-    assert len(kept) == len(GOLDEN["settings"]["edge"]["examples"]) == 14 and rejected == []
+    assert len(kept) == len(GOLDEN["settings"]["edge"]["examples"]) == 15 and rejected == []
     assert {kind: w["records"] for kind, w in report["warnings"].items()} == {
         "empty_prompt": 6, "empty_answer": 2, "call_without_observation": 1, "observation_without_call": 2
     }  # fmt: skip
@@ -180,4 +180,4 @@ def test_records_llamafactory_trains_on_are_kept_with_warnings():
         "observation_without_call": [("sharegpt_edge.json", 3), ("sharegpt_edge.json", 4)],
     }
     kept, rejected, report, _ = validate(records, {"reject": ["empty_prompt", "call_without_observation"]})
-    assert (len(kept), len(rejected), report["rejected"]) == (7, 7, 7)
+    assert (len(kept), len(rejected), report["rejected"]) == (8, 7, 7)

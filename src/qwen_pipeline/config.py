@@ -175,6 +175,10 @@ class FormatConfig:
     overlength: Literal["truncate", "drop"] = "truncate"  # over cutoff_len: cut (LLaMA-Factory) or drop
     tokenization: Literal["turns", "whole_text"] = "turns"  # turns = LLaMA-Factory; whole_text = apply_chat_template
     compare_tokenizations: bool = True  # count conversations the two tokenizations disagree on
+    # Text in the data that the tokenizer reads as a control token (<|im_end|> typed in a message):
+    # keep = LLaMA-Factory's ids (real control tokens, counted and warned about), reject = drop the
+    # conversation, escape = tokenize it as the literal characters.
+    control_tokens: Literal["keep", "reject", "escape"] = "keep"
 
     def problems(self) -> list[str]:
         found = []

@@ -15,6 +15,7 @@ Facts carried from LLaMA-Factory 0.9.5 (template ``qwen``, stage ``sft``):
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -42,24 +43,27 @@ TOOLS_PROMPT = (
 )
 
 
-def tools_text(tools: str) -> str:
-    """The tool prompt for a JSON list of tool specs ('' for none); plain specs are wrapped as functions."""
+def tools_text(tools: str, own=lambda text: text) -> str:
+    """The tool prompt for a JSON list of tool specs ('' for none); plain specs are wrapped as functions.
+    ``own`` wraps the data's own text (each spec)."""
     specs = json.loads(tools)
     if not specs:
         return ""
     lines = "".join(
-        "\n" + json.dumps(t if t.get("type") == "function" else {"type": "function", "function": t}, ensure_ascii=False)
+        "\n"
+        + own(json.dumps(t if t.get("type") == "function" else {"type": "function", "function": t}, ensure_ascii=False))
         for t in specs
     )
     return TOOLS_PROMPT.replace("{tools}", lines)
 
 
-def function_call_text(content: str) -> str:
-    """A function turn's JSON ({"name", "arguments"} or a list of them) as <tool_call> blocks."""
+def function_call_text(content: str, own=lambda text: text) -> str:
+    """A function turn's JSON ({"name", "arguments"} or a list of them) as <tool_call> blocks.
+    ``own`` wraps the data's own text (each call)."""
     calls = json.loads(content)
     calls = calls if isinstance(calls, list) else [calls]
     blocks = [json.dumps({"name": c["name"], "arguments": c["arguments"]}, ensure_ascii=False) for c in calls]
-    return "\n".join(f"<tool_call>\n{b}\n</tool_call>" for b in blocks)
+    return "\n".join(f"<tool_call>\n{own(b)}\n</tool_call>" for b in blocks)
 
 
 Tokenization = Literal["turns", "whole_text"]
@@ -98,10 +102,30 @@ def _fill(piece: str, content: str) -> str:
     return piece.replace("{content}", content)
 
 
-def turn_pieces(conversation: Conversation, default_system: str = DEFAULT_SYSTEM) -> list[tuple[list[str], str]]:
-    """The text pieces of each turn: ([source pieces], target piece). Each piece is tokenized alone."""
+# Around the data's own text when it is to be escaped (``turn_pieces(mark=True)``): lone surrogates,
+# which no record holds (ingest rejects them; Arrow cannot store them).
+OPEN, CLOSE = "\ud800", "\ud801"
+
+
+def _identity(text: str) -> str:
+    return text
+
+
+def _marked(text: str) -> str:
+    return OPEN + text + CLOSE
+
+
+def turn_pieces(
+    conversation: Conversation, default_system: str = DEFAULT_SYSTEM, mark: bool = False
+) -> list[tuple[list[str], str]]:
+    """The text pieces of each turn: ([source pieces], target piece). Each piece is tokenized alone.
+
+    ``mark``: the data's own text (messages, system prompt, tool specs, call names and arguments)
+    stands between ``OPEN`` and ``CLOSE``, so it can be told from the template's text.
+    """
+    own = _marked if mark else _identity
     messages = conversation.messages
-    system = conversation.system or default_system
+    system = own(conversation.system) if conversation.system else default_system
     turns: list[tuple[list[str], str]] = []
     for i in range(0, len(messages), 2):
         prompt, answer = messages[i], messages[i + 1]
@@ -110,12 +134,14 @@ def turn_pieces(conversation: Conversation, default_system: str = DEFAULT_SYSTEM
                 f"{conversation.source.describe()}: turn {i // 2} ({prompt.role} -> {answer.role}) "
                 "is not supported by the qwen template yet"
             )
-        source = [_fill(PROMPT_PIECES[prompt.role], prompt.content)]
+        source = [_fill(PROMPT_PIECES[prompt.role], own(prompt.content))]
         if i == 0:
-            source.insert(
-                0, _fill(SYSTEM_PIECE, system + (tools_text(conversation.tools) if conversation.tools else ""))
-            )
-        content = function_call_text(answer.content) if answer.role == "function" else answer.content
+            tools = tools_text(conversation.tools, own) if conversation.tools else ""
+            source.insert(0, _fill(SYSTEM_PIECE, system + tools))
+        if answer.role == "function":
+            content = function_call_text(answer.content, own)
+        else:
+            content = own(answer.content)
         turns.append((source, _fill(ANSWER_PIECES[answer.role], content)))
     return turns
 
@@ -168,6 +194,9 @@ def batch_encode(tokenizer, texts: list[str]) -> list[list[int]]:
     unique = list(dict.fromkeys(texts))
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and hasattr(backend, "encode_batch_fast"):  # skips offsets: ~1.4x faster
+        # transformers leaves this set after a call with split_special_tokens=True: control tokens
+        # in the template must be matched, whatever the tokenizer was last asked.
+        backend.encode_special_tokens = False
         ids = [e.ids for e in backend.encode_batch_fast(unique, add_special_tokens=False)]
     else:
         ids = tokenizer(unique, add_special_tokens=False)["input_ids"] if unique else []
@@ -246,3 +275,77 @@ def may_tokenize_differently(conversation: Conversation) -> bool:
 
 def flat_ids(turns: list[TurnIds]) -> list[int]:
     return [i for source, target in turns for i in (*source, *target)]
+
+
+# --- control tokens in the data's own text ----------------------------------------------------------
+
+
+def control_token_pattern(tokenizer) -> re.Pattern:
+    """What the tokenizer reads as one added token (``<|im_end|>``, ``<tool_call>``, ...) wherever it
+    appears in text, longest first."""
+    texts = sorted({str(t) for t in tokenizer.added_tokens_decoder.values()}, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, texts)))
+
+
+def control_tokens_in(conversation: Conversation, pattern: re.Pattern) -> list[str]:
+    """Where the conversation's own text holds control-token text: ["message 0: <|im_end|>", ...]."""
+    fields = [("system", conversation.system), ("tools", conversation.tools)]
+    fields += [(f"message {i}", m.content) for i, m in enumerate(conversation.messages)]
+    found = []
+    for where, text in fields:
+        if text and (tokens := pattern.findall(text)):
+            found.append(f"{where}: {', '.join(dict.fromkeys(tokens))}")
+    return found
+
+
+def plain_text_tokenizer(tokenizer):
+    """The tokenizer's Rust core with no added tokens: text becomes ordinary tokens only, even the
+    characters of ``<|im_end|>`` or ``<tool_call>`` (which ``split_special_tokens`` would still
+    match, being added but not special)."""
+    import json as _json
+
+    from tokenizers import Tokenizer
+
+    spec = _json.loads(tokenizer.backend_tokenizer.to_str())
+    spec["added_tokens"] = []
+    return Tokenizer.from_str(_json.dumps(spec))
+
+
+def tokenize_escaped(
+    conversations: Sequence[Conversation], tokenizer, pattern: re.Pattern, plain, default_system: str = DEFAULT_SYSTEM
+) -> list[list[TurnIds]]:
+    """Turn by turn as ``tokenize_turns``, but control-token text in the data's own text is read as
+    ordinary text (``plain``: ``plain_text_tokenizer``); the template's own control tokens stay.
+
+    Each piece is cut at the template's control tokens; the text between them (template text and the
+    data's text together, as the tokenizer would see it) is encoded with no added token matched.
+    """
+    ids_of = {str(t): i for i, t in tokenizer.added_tokens_decoder.items()}
+    turns = [turn_pieces(c, default_system, mark=True) for c in conversations]
+    segments = {p: _segments(p, pattern) for pieces in turns for source, target in pieces for p in (*source, target)}
+    texts = list(dict.fromkeys(text for parts in segments.values() for text, special in parts if not special))
+    by_text = {t: e.ids for t, e in zip(texts, plain.encode_batch(texts, add_special_tokens=False))}
+
+    def ids(piece: str) -> list[int]:
+        return [i for text, special in segments[piece] for i in ([ids_of[text]] if special else by_text[text])]
+
+    return [[([i for p in source for i in ids(p)], ids(target)) for source, target in pieces] for pieces in turns]
+
+
+def _segments(piece: str, pattern: re.Pattern) -> list[tuple[str, bool]]:
+    """A marked piece as (text, False) and (template control token, True) parts, marks removed."""
+    out: list[tuple[str, bool]] = []
+    text, inside, at = "", 0, 0
+    for match in re.finditer(f"{OPEN}|{CLOSE}|{pattern.pattern}", piece):
+        token = match.group()
+        text += piece[at : match.start()]
+        at = match.end()
+        if token in (OPEN, CLOSE):
+            inside += 1 if token == OPEN else -1
+        elif inside:  # in the data's own text: stays text
+            text += token
+        else:  # the template's own control token
+            out += [(text, False), (token, True)] if text else [(token, True)]
+            text = ""
+    text += piece[at:]
+    return out + [(text, False)] if text else out

@@ -7,8 +7,10 @@ Each chunk's conversations are tokenized in one batched call of the Rust tokeniz
 from __future__ import annotations
 
 import itertools
+import re
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -17,7 +19,18 @@ from datasets import Dataset, DatasetDict
 
 from ..conversation import Conversation, Source
 from ..errors import DataError
-from ..template import IGNORE_INDEX, TemplateOptions, assemble, flat_ids, may_tokenize_differently, tokenize_turns
+from ..template import (
+    IGNORE_INDEX,
+    TemplateOptions,
+    assemble,
+    control_token_pattern,
+    control_tokens_in,
+    flat_ids,
+    may_tokenize_differently,
+    plain_text_tokenizer,
+    tokenize_escaped,
+    tokenize_turns,
+)
 
 SFT_SCHEMA = pa.schema(
     [
@@ -27,6 +40,7 @@ SFT_SCHEMA = pa.schema(
     ]
 )
 MISMATCH_EXAMPLES = 10  # conversations named in the report when the two tokenizations disagree
+CONTROL_TOKEN_EXAMPLES = 20  # conversations holding control-token text named in the report
 
 
 @dataclass
@@ -39,6 +53,8 @@ class TokenizeResult:
     held_out: list[bool] = field(default_factory=list)  # per kept example: from ingest.eval_dataset
     mismatches: int = 0
     mismatch_examples: list[Source] = field(default_factory=list)
+    control_tokens: int = 0  # conversations whose own text holds control-token text
+    control_token_examples: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, other: TokenizeResult) -> TokenizeResult:
         self.stats.update(other.stats)
@@ -47,6 +63,9 @@ class TokenizeResult:
         self.held_out += other.held_out
         self.mismatches += other.mismatches
         self.mismatch_examples += other.mismatch_examples[: MISMATCH_EXAMPLES - len(self.mismatch_examples)]
+        self.control_tokens += other.control_tokens
+        room = CONTROL_TOKEN_EXAMPLES - len(self.control_token_examples)
+        self.control_token_examples += other.control_token_examples[:room]
         return self
 
 
@@ -58,25 +77,42 @@ class ChunkTokenizer:
     options: TemplateOptions
     overlength: str = "truncate"  # or "drop": over-long conversations go to the dropped list
     compare_tokenizations: bool = False  # count conversations the other tokenization encodes differently
+    control_tokens: str = "keep"  # control-token text in the data: keep (as LLaMA-Factory), reject or escape
+
+    @cached_property
+    def _control(self) -> re.Pattern:
+        return control_token_pattern(self.tokenizer)
+
+    @cached_property
+    def _plain(self):
+        return plain_text_tokenizer(self.tokenizer)
 
     def __call__(self, chunk: pa.Table, offset: int) -> tuple[pa.Table, TokenizeResult]:
         records = chunk.to_pylist()
         parsed = [Conversation.from_dict(r) for r in records]
-        turns = tokenize_turns(parsed, self.tokenizer, self.options.tokenization, self.options.default_system)
         result, kept = TokenizeResult(), []
+        flagged = {n: found for n, c in enumerate(parsed) if (found := control_tokens_in(c, self._control))}
+        result.control_tokens = len(flagged)
+        for n, found in list(flagged.items())[:CONTROL_TOKEN_EXAMPLES]:
+            source = parsed[n].source
+            result.control_token_examples.append(
+                {"dataset": source.dataset, "file": source.file, "index": source.index, "found": found}
+            )
+        if self.control_tokens == "reject" and flagged:
+            for n, found in flagged.items():
+                result.dropped.append(_dropped(parsed[n], "control-token text in " + "; ".join(found)))
+            records = [r for n, r in enumerate(records) if n not in flagged]
+            parsed = [c for n, c in enumerate(parsed) if n not in flagged]
+        turns = tokenize_turns(parsed, self.tokenizer, self.options.tokenization, self.options.default_system)
+        if self.control_tokens == "escape" and flagged:
+            escaped = tokenize_escaped([parsed[n] for n in flagged], self.tokenizer, self._control, self._plain)
+            for n, ids in zip(flagged, escaped):
+                turns[n] = ids
         truncated = tokens_cut = 0
         for record, conversation, e in zip(records, parsed, (assemble(t, self.options) for t in turns)):
             if e.truncated and self.overlength == "drop":
-                source = conversation.source
-                result.dropped.append(
-                    {
-                        "dataset": source.dataset,
-                        "file": source.file,
-                        "index": source.index,
-                        "reason": f"{e.full_length} tokens > format.cutoff_len={self.options.cutoff_len}",
-                        "tokens": e.full_length,
-                    }
-                )
+                reason = f"{e.full_length} tokens > format.cutoff_len={self.options.cutoff_len}"
+                result.dropped.append({**_dropped(conversation, reason), "tokens": e.full_length})
                 continue
             kept.append(e)
             result.held_out.append(record.get("split") == "validation")
@@ -99,6 +135,11 @@ class ChunkTokenizer:
             differ = [parsed[n].source for n, b in zip(candidates, alternative) if flat_ids(turns[n]) != flat_ids(b)]
             result.mismatches, result.mismatch_examples = len(differ), differ[:MISMATCH_EXAMPLES]
         return table, result
+
+
+def _dropped(conversation: Conversation, reason: str) -> dict[str, Any]:
+    source = conversation.source
+    return {"dataset": source.dataset, "file": source.file, "index": source.index, "reason": reason}
 
 
 def to_arrow(encoded) -> pa.Table:

@@ -23,6 +23,13 @@ from ...template import TemplateOptions
 
 logger = logging.getLogger(__name__)
 
+CONTROL_TOKEN_ACTIONS = {
+    "keep": "they become real control tokens, as in LLaMA-Factory (a typed <|im_end|> ends the turn for the "
+    "model); 'escape' tokenizes them as plain text, 'reject' drops those conversations",
+    "reject": "those conversations are dropped (listed in dropped_records)",
+    "escape": "tokenized as plain text; no control token comes from the data's own text",
+}
+
 
 def tokenize_conversations(
     conversations: Dataset,
@@ -53,7 +60,7 @@ def tokenize_conversations(
         mask_history=config.mask_history,
         tokenization=config.tokenization,
     )
-    encode = ChunkTokenizer(tokenizer, options, config.overlength, config.compare_tokenizations)
+    encode = ChunkTokenizer(tokenizer, options, config.overlength, config.compare_tokenizations, config.control_tokens)
     examples, results = map_stage("format", conversations, encode, SFT_SCHEMA, work)
     found = reduce(TokenizeResult.add, results, TokenizeResult())
     assert found.stats["examples"] + len(found.dropped) == len(conversations)  # nothing vanishes
@@ -80,6 +87,11 @@ def _report(conversations: int, found: TokenizeResult, config: FormatConfig, spl
         "splits": {name: len(part) for name, part in splits.items()},
         "tokenization_mismatches": found.mismatches if config.compare_tokenizations else None,
         "tokenization_mismatch_examples": [s.describe() for s in found.mismatch_examples],
+        "control_tokens": {
+            "mode": config.control_tokens,
+            "conversations": found.control_tokens,
+            "examples": found.control_token_examples,
+        },
     }
     logger.info(
         "Tokenized %d conversations (%s): %d kept, %d dropped, %d truncated at cutoff_len=%d; "
@@ -95,6 +107,18 @@ def _report(conversations: int, found: TokenizeResult, config: FormatConfig, spl
         report["splits"]["train"],
         report["splits"].get("validation", 0),
     )
+    if found.control_tokens:
+        example = found.control_token_examples[0]
+        logger.warning(
+            "%d conversations hold text the tokenizer reads as control tokens, e.g. %s record %d, %s. "
+            "format.control_tokens=%s: %s",
+            found.control_tokens,
+            example["file"],
+            example["index"],
+            "; ".join(example["found"]),
+            config.control_tokens,
+            CONTROL_TOKEN_ACTIONS[config.control_tokens],
+        )
     if config.compare_tokenizations:
         logger.info(
             "%d of %d conversations tokenize differently turn by turn (LLaMA-Factory) and as whole text "
