@@ -92,5 +92,5 @@ def test_bad_input_gives_one_clear_error(tmp_path, model_cache, name, files, arg
         rejected = json.loads((reports / "rejected_records.json").read_text())
         assert [(r["file"], r["index"]) for r in rejected] == [("a.json", 1), ("a.json", 2), ("a.json", 3)]
         report = json.loads((reports / "validation_report.json").read_text())
-        assert (report["read"], report["kept"], report["rejected"]) == (5, 2, 3)
+        assert (report["read"], report["kept"], report["rejected"], report["accepted"]) == (5, 2, 3, False)
         assert not (root / "data" / "02_intermediate" / "conversations").exists()  # nothing accepted

@@ -248,7 +248,7 @@ def test_suspect_record_is_kept_with_a_warning_or_rejected_when_asked(
     raw = write_dataset(tmp_path, [good, suspect, good], formatting)
     with caplog.at_level(logging.WARNING):
         kept, rejected, report, _ = run_with(raw)
-    assert (report["read"], report["kept"], report["rejected"], rejected) == (3, 3, 0, [])
+    assert (report["read"], report["kept"], report["rejected"], rejected, report["accepted"]) == (3, 3, 0, [], True)
     assert report["warnings"] == {
         kind: {"records": 1, "examples": [{"dataset": "demo", "file": "data.json", "index": 1, "detail": detail}]}
     }

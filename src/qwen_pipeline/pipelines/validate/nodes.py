@@ -60,6 +60,8 @@ def validate_conversations(
     for reason, count in found.reasons.most_common(5):
         logger.info("  rejected %d x %s", count, reason)
     report["rejected_examples"] = [{k: r[k] for k in ("dataset", "file", "index")} for r in rejected[:EXAMPLES]]
+    # Whether the run goes on (accept_conversations): written first, so a stopped run's report says so.
+    report["accepted"] = bool(len(kept)) and len(rejected) <= config.max_rejected_share * read
     report["warnings"] = {
         kind: {"records": count, "examples": found.warning_examples[kind]} for kind, count in found.warnings.items()
     }
