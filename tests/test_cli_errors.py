@@ -51,7 +51,7 @@ CASES = [
         "misspelt parameter",
         {"dataset_info.json": INFO, "a.json": json.dumps([GOOD])},
         ["--params", "ingest.max_sample=3"],
-        "invalid configuration:\n  - ingest.max_sample: unknown parameter (did you mean 'max_samples'?)",
+        "invalid configuration: ingest.max_sample: unknown parameter (did you mean 'max_samples'?)",
     ),
     (
         "too many rejected",
@@ -94,3 +94,48 @@ def test_bad_input_gives_one_clear_error(tmp_path, model_cache, name, files, arg
         report = json.loads((reports / "validation_report.json").read_text())
         assert (report["read"], report["kept"], report["rejected"], report["accepted"]) == (5, 2, 3, False)
         assert not (root / "data" / "02_intermediate" / "conversations").exists()  # nothing accepted
+
+
+DEMO_INFO = {"dataset_info.json": INFO, "a.json": json.dumps([GOOD]), "b.json": json.dumps([{"conversations": []}])}
+BEFORE_ANY_NODE = [
+    (
+        "unknown env",
+        ["--pipelines", "sft", "--env", "qwen2.5-05b"],
+        "Error: --env qwen2.5-05b: no folder conf/qwen2.5-05b; environments: local, qwen2.5-0.5b",
+    ),
+    (
+        "unknown pipeline",
+        ["--pipelines", "sfft"],
+        "Error: no pipeline named 'sfft'; pipelines: __default__, evaluate, format, ingest, merge, sft, train, "
+        "validate",
+    ),
+    (
+        "misspelt parameter of a later stage",
+        ["--pipelines", "sft", "--params", "train.learnig_rate=1e-4"],
+        "Error: invalid configuration: train.learnig_rate: unknown parameter (did you mean 'learning_rate'?)",
+    ),
+    (
+        "pack_length below cutoff_len",
+        ["--pipelines", "sft", "--params", "train.packing=true,train.pack_length=256"],
+        "Error: invalid configuration: train.pack_length=256 is below format.cutoff_len=512: with packing every "
+        "longer example would be cut to pack_length. Raise pack_length, or leave it unset (it then follows cutoff_len)",
+    ),
+    (
+        "no validation split for evaluate",
+        ["--params", "format.val_size=0"],
+        "Error: invalid configuration: format.val_size is 0 and ingest.eval_dataset is empty: there is no validation "
+        "split to evaluate on. Set format.val_size (e.g. 0.1) or ingest.eval_dataset",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "args", "line"), BEFORE_ANY_NODE, ids=[c[0] for c in BEFORE_ANY_NODE])
+def test_bad_run_stops_before_any_node_in_one_line(tmp_path, model_cache, name, args, line):
+    root = project_with(tmp_path, DEMO_INFO)
+    env = {**os.environ, "QWEN_PIPELINE_CACHE": str(model_cache), "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "200"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "kedro", "run", *args], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 1
+    assert (proc.stdout + proc.stderr).splitlines() == [line]
+    assert not (root / "data" / "02_intermediate").exists() and not (root / "mlflow.db").exists()  # nothing ran

@@ -116,7 +116,7 @@ def test_one_process_also_hands_a_saved_folder_to_the_catalog(finetuning_type, k
     from qwen_pipeline.pipelines.train.nodes import train_model
 
     params = {"finetuning_type": finetuning_type, "max_steps": 1, "output_dir": str(tmp_path / "checkpoints")}
-    files, *_ = train_model(demo_sft_dataset(tokenizer, max_samples=4), {}, params)
+    files, *_ = train_model(demo_sft_dataset(tokenizer, max_samples=4), {}, params, {})
     assert files.kind == kind and files.path.parent == tmp_path / "checkpoints"
     trained = tmp_path / "trained"
     ModelDataset(filepath=str(trained), lazy=True).save(files)

@@ -26,7 +26,10 @@ class ConfigError(QwenPipelineError, ValueError):
 
     def __init__(self, problems: list[str]):
         self.problems = problems
-        super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
+        if len(problems) == 1:  # one line
+            super().__init__(f"invalid configuration: {problems[0]}")
+        else:
+            super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
 def _matches(value: Any, hint: Any) -> bool:
@@ -97,8 +100,9 @@ class ModelConfig:
 class IngestConfig:
     """``params:ingest``: which datasets of dataset_info.json to read."""
 
-    dataset: list[str] = dataclasses.field(default_factory=list)  # names in dataset_info.json
-    eval_dataset: list[str] = dataclasses.field(default_factory=list)  # held out whole as the validation split
+    # names in dataset_info.json: a list, one name, or "a,b" (as LLaMA-Factory's dataset: a,b)
+    dataset: list[str] | str = dataclasses.field(default_factory=list)
+    eval_dataset: list[str] | str = dataclasses.field(default_factory=list)  # held out whole as the validation split
     max_samples: int | None = None  # keep the first N records of each dataset
     mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = "concat"  # how datasets combine
     interleave_probs: list[float] | None = None  # sampling weights for interleave_* (default: equal)
@@ -106,6 +110,12 @@ class IngestConfig:
     # LLaMA-Factory 0.9.5's openai converter appends "detailed thinking off" (a Nemotron prompt) to
     # system prompts of tool-free conversations. Off: keep the system prompt as written.
     openai_thinking_suffix: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("dataset", "eval_dataset"):
+            value = getattr(self, key)
+            if isinstance(value, str):  # "a,b" or "a"
+                object.__setattr__(self, key, [name.strip() for name in value.split(",") if name.strip()])
 
     def problems(self) -> list[str]:
         found = []
@@ -225,7 +235,7 @@ class TrainConfig:
     packing: bool = False  # several examples per sequence, bins filled across the whole dataset
     neat_packing: bool = False  # packing with attention and position ids restarting per example
     padding_free: bool = False  # each batch as one row, no padding, attention restarting per example
-    pack_length: int = 2048  # tokens per packed sequence (set it to format.cutoff_len)
+    pack_length: int | None = None  # tokens per packed sequence (null: format.cutoff_len)
     bf16: bool = False
     fp16: bool = False
     gradient_checkpointing: bool = False
@@ -323,3 +333,52 @@ class EvaluateConfig:
         if self.max_samples is not None and self.max_samples < 0:
             found.append(f"max_samples: must be 0 or more, got {self.max_samples}")
         return found
+
+
+# --- rules that span stages ------------------------------------------------------------------------
+
+# Which class parses each params:<block>.
+BLOCKS: dict[str, type] = {
+    "model": ModelConfig,
+    "ingest": IngestConfig,
+    "processing": ProcessingConfig,
+    "validate": ValidateConfig,
+    "format": FormatConfig,
+    "train": TrainConfig,
+    "merge": MergeConfig,
+    "evaluate": EvaluateConfig,
+}
+
+
+def pack_length(train: TrainConfig, format: FormatConfig) -> int:
+    """Tokens per packed sequence: ``train.pack_length``, or ``format.cutoff_len`` when not set."""
+    return train.pack_length or format.cutoff_len
+
+
+def run_problems(parameters: Mapping[str, Any], blocks: set[str], stages: set[str]) -> tuple[list[str], list[str]]:
+    """Every problem of the ``blocks`` a run reads, and of the rules across its ``stages``, as
+    (errors, warnings): found before any node runs."""
+    found, warnings, parsed = [], [], {}
+    for name in sorted(blocks & set(BLOCKS)):
+        try:
+            parsed[name] = parse_config(BLOCKS[name], parameters.get(name), name)
+        except ConfigError as exc:
+            found += exc.problems
+    fmt, train, ingest = parsed.get("format"), parsed.get("train"), parsed.get("ingest")
+    if fmt and train and (train.packing or train.neat_packing) and train.pack_length is not None:
+        if train.pack_length < fmt.cutoff_len:
+            found.append(
+                f"train.pack_length={train.pack_length} is below format.cutoff_len={fmt.cutoff_len}: with packing "
+                "every longer example would be cut to pack_length. Raise pack_length, or leave it unset (it then "
+                "follows cutoff_len)"
+            )
+    if fmt and ingest and not fmt.val_size and not ingest.eval_dataset:
+        message = (
+            "format.val_size is 0 and ingest.eval_dataset is empty: there is no validation split to evaluate on. "
+            "Set format.val_size (e.g. 0.1) or ingest.eval_dataset"
+        )
+        if "evaluate" in stages:
+            found.append(message)
+        elif "format" in stages:
+            warnings.append(message + " before running the evaluate pipeline")
+    return found, warnings

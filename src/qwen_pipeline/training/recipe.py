@@ -211,7 +211,9 @@ def run_sft(
     train_set, batching = dataset["train"], {}
     flat = config.packing or config.neat_packing or config.padding_free
     if config.packing or config.neat_packing:
-        train_set, batching = pack(train_set, config.pack_length, neat=config.neat_packing)
+        # pack_length unset (called outside the train node, which sets it to format.cutoff_len): the longest example
+        length = config.pack_length or int(row_lengths(train_set).max())
+        train_set, batching = pack(train_set, length, neat=config.neat_packing)
     if flat:
         collator = FlatCollator()
         model.config.use_cache = False  # packed-sequence masks are built only without a KV cache

@@ -12,19 +12,23 @@ from typing import Any
 
 from datasets import DatasetDict
 
-from ...config import ConfigError, ModelConfig, TrainConfig, parse_config
+from ...config import ConfigError, FormatConfig, ModelConfig, TrainConfig, pack_length, parse_config
 from ...datasets import ModelFiles
 from ...training.checks import environment_problems
 from ...training.launcher import train
 
 
 def train_model(
-    sft_dataset: DatasetDict, model_params: dict[str, Any], params: dict[str, Any]
+    sft_dataset: DatasetDict, model_params: dict[str, Any], params: dict[str, Any], format_params: dict[str, Any]
 ) -> tuple[ModelFiles, dict[int, float], dict[str, list], dict[str, Any], dict[str, Any], Any]:
     """The trained model's files, per-step loss, learning-rate and grad-norm curves, a summary, its metrics,
     a loss plot."""
     model_config = parse_config(ModelConfig, model_params, "model")
     config = parse_config(TrainConfig, params, "train")
+    if config.packing or config.neat_packing:  # pack_length follows format.cutoff_len unless set
+        config = dataclasses.replace(
+            config, pack_length=pack_length(config, parse_config(FormatConfig, format_params, "format"))
+        )
     if problems := environment_problems(config):  # before any model is loaded
         raise ConfigError(problems)
     result = train(sft_dataset, model_config, config)

@@ -8,7 +8,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 func=train_model,
-                inputs=["sft_dataset", "params:model", "params:train"],
+                inputs=["sft_dataset", "params:model", "params:train", "params:format"],
                 outputs=[
                     "trained_model",
                     "train_loss_history",

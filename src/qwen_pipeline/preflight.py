@@ -1,0 +1,56 @@
+"""Checks a `kedro run` before any node runs: its environment, pipeline names and parameters.
+
+Everything wrong is found at once, in a second, before MLflow starts a run or a data file is read:
+an unknown ``--env`` or pipeline name (with the valid ones), every problem of every ``params:*``
+block the run reads, and the rules that span stages (``config.run_problems``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, run_problems
+from .errors import QwenPipelineError
+from .pipeline_registry import STAGES
+
+logger = logging.getLogger(__name__)
+
+
+class RunError(QwenPipelineError):
+    """A `kedro run` that cannot start: names what is wrong and what is valid."""
+
+
+def environments(conf_root: Path) -> list[str]:
+    """The configuration environments: the folders of ``conf/`` other than base."""
+    return sorted(p.name for p in conf_root.iterdir() if p.is_dir() and p.name != "base")
+
+
+def check_run(
+    *, project: Path, env: str | None, conf_source: str | None, params: dict[str, Any], pipeline_names: list[str]
+) -> list[str]:
+    """Raise ``RunError`` / ``ConfigError`` naming every problem of this run; return its warnings."""
+    from kedro.framework.project import pipelines, settings
+
+    conf_root = Path(conf_source) if conf_source else project / settings.CONF_SOURCE
+    if env and conf_root.is_dir() and env not in (known := environments(conf_root)):
+        raise RunError(f"--env {env}: no folder {conf_root.name}/{env}; environments: {', '.join(known)}")
+    names = pipeline_names or ["__default__"]
+    if unknown := [name for name in names if name not in pipelines]:
+        raise RunError(f"no pipeline named {', '.join(map(repr, unknown))}; pipelines: {', '.join(sorted(pipelines))}")
+    selected = sum((pipelines[name] for name in names), start=pipelines[names[0]].__class__([]))
+    in_run = {node.name for node in selected.nodes}
+    stages = {stage for stage in STAGES if stage in pipelines and in_run & {n.name for n in pipelines[stage].nodes}}
+    blocks = {name.split(":", 1)[1] for name in selected.inputs() if name.startswith("params:")}
+    if conf_root.is_dir():
+        loader = settings.CONFIG_LOADER_CLASS(
+            conf_source=str(conf_root), env=env, runtime_params=params, **settings.CONFIG_LOADER_ARGS
+        )
+        parameters = loader["parameters"]
+    else:  # a packaged conf_source (tar/zip): the nodes check their own blocks
+        return []
+    problems, warnings = run_problems(parameters, blocks, stages)
+    if problems:
+        raise ConfigError(problems)
+    return warnings
