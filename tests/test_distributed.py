@@ -73,8 +73,8 @@ def test_two_torchrun_processes_hand_the_saved_adapter_to_the_catalog(dataset, t
         "logging_steps": 1,
         "output_dir": str(tmp_path / "checkpoints"),
     }
-    files, loss_history, _, summary, _, _ = train_model(dataset, {}, params, {})
-    assert sorted(loss_history) == [1, 2, 3, 4]
+    files, history, summary, _, _ = train_model(dataset, {}, params, {})
+    assert [int(entry["step"]) for entry in history] == [1, 2, 3, 4]
     assert files.path.parent == tmp_path / "checkpoints"  # staged beside the checkpoints: moving it is a rename
     trained = tmp_path / "06_models" / "trained"
     ModelDataset(filepath=str(trained), lazy=True).save(files)

@@ -90,13 +90,15 @@ def test_mlflow_holds_parameters_loss_history_and_merged_model(project):
     assert sft.data.params["train.learning_rate"] == "0.005"
     assert sft.data.params["format.cutoff_len"] == "512"
     assert sft.data.params["model.model_name_or_path"] == "embedded:tiny-qwen2.5"
-    history = client.get_metric_history(sft.info.run_id, "train_loss")
-    assert len(history) == 41 and [m.step for m in history] == list(range(1, 42))
+    history = client.get_metric_history(sft.info.run_id, "train/loss")  # logged live, step by step
+    assert len(history) == 41 and sorted(m.step for m in history) == list(range(1, 42))
     assert history[-1].value < history[0].value
     assert sft.data.metrics["validate.rejected"] == 2.0
-    assert len(client.get_metric_history(sft.info.run_id, "train.learning_rate")) == 41
-    assert len(client.get_metric_history(sft.info.run_id, "train.grad_norm")) == 41
-    assert sft.data.metrics["train.tokens_per_second"] > 0
+    assert len(client.get_metric_history(sft.info.run_id, "train/learning_rate")) == 41
+    assert len(client.get_metric_history(sft.info.run_id, "train/grad_norm")) == 41
+    assert len(client.get_metric_history(sft.info.run_id, "train/tokens_per_s")) == 41
+    assert sft.data.metrics["train_summary.tokens_per_second"] > 0
+    assert not {"train_loss", "train.learning_rate"} & set(sft.data.metrics)  # one name per curve
     assert "training_loss.png" in {a.path for a in client.list_artifacts(sft.info.run_id)}
     merge = runs["merge"]
     assert merge.data.params["merge.export_size"] == "5" and merge.data.params["merge.export_dtype"] == "auto"

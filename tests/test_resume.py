@@ -53,6 +53,8 @@ def test_killed_run_resumes_without_a_gap(tmp_path, model_cache):
     runs = client.search_runs(
         [client.get_experiment_by_name("qwen_pipeline").experiment_id], order_by=["attributes.start_time DESC"]
     )
-    history = client.get_metric_history(runs[0].info.run_id, "train_loss")
-    assert sorted(m.step for m in history) == list(range(1, 17))  # no gap
+    history = client.get_metric_history(runs[0].info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, 17))  # no gap, no step twice
+    killed = client.get_metric_history(runs[1].info.run_id, "train/loss")  # logged live before the kill
+    assert killed and sorted(m.step for m in killed) == list(range(1, len(killed) + 1))
     assert (root / "data/06_models/trained/qwen_pipeline.json").exists()

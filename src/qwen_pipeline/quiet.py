@@ -1,7 +1,7 @@
 """The console without libraries' noise: the warning filters of ``conf/warnings.yml``.
 
-Registered as a ``kedro.init`` entry point, so they apply before Kedro loads its plugins (whose
-imports raise some of those warnings); also applied when the package is imported.
+Applied when the package is imported: Kedro imports it (settings) before it loads its plugins,
+whose imports raise some of those warnings.
 """
 
 from __future__ import annotations

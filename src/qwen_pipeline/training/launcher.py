@@ -30,6 +30,7 @@ from datasets import Dataset, DatasetDict
 from ..config import ModelConfig, TrainConfig, parse_config
 from ..data.streaming import table_files
 from ..errors import QwenPipelineError
+from .callbacks import tracking_environment
 from .recipe import TrainResult, run_sft
 
 logger = logging.getLogger(__name__)
@@ -190,16 +191,7 @@ def _arrow_files(split: Dataset) -> dict[str, Any] | None:
 
 
 def _child_environment() -> dict[str, str]:
-    env = dict(os.environ)
-    try:
-        import mlflow
-
-        if (run := mlflow.active_run()) is not None:  # rank 0 logs into this Kedro run's MLflow run
-            env["MLFLOW_RUN_ID"] = run.info.run_id
-            env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
-    except ImportError:  # pragma: no cover - mlflow is a dependency
-        pass
-    return env
+    return {**os.environ, **tracking_environment()}  # rank 0 logs live metrics into this Kedro run's MLflow run
 
 
 def _stream(command: list[str], env: dict[str, str]) -> None:

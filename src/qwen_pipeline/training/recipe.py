@@ -23,6 +23,7 @@ from datasets import DatasetDict
 
 from ..config import ModelConfig, TrainConfig
 from ..models import load_tokenizer
+from .callbacks import LiveMetrics, QuietProgress
 from .packing import FlatCollator, labelled_tokens, pack, padding_share, row_lengths
 
 logger = logging.getLogger(__name__)
@@ -148,7 +149,9 @@ def run_sft(
 ) -> TrainResult:
     """Train; with ``save_to`` (every rank must pass it) the Trainer also writes the model there,
     gathering ZeRO-3 partitions first."""
-    from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
+    if not torch.cuda.is_available():  # DeepSpeed's "Setting accelerator to CPU" warning, said for it
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from transformers import DataCollatorForSeq2Seq, ProgressCallback, TrainingArguments, set_seed
 
     from .loss import SFTTrainer
 
@@ -191,6 +194,7 @@ def run_sft(
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
         logging_steps=config.logging_steps,
+        include_num_input_tokens_seen="non_padding",  # tokens/s in the live metrics
         seed=config.seed,
         bf16=config.bf16,
         fp16=config.fp16,
@@ -230,6 +234,10 @@ def run_sft(
         eval_dataset=dataset["validation"] if "validation" in dataset else None,
         data_collator=collator,
     )
+    if trainer.pop_callback(ProgressCallback) is not None:  # the bar, without a printed dict per step
+        trainer.add_callback(QuietProgress())
+    if (live := LiveMetrics.for_this_process()) is not None:  # per-step metrics into MLflow as they come
+        trainer.add_callback(live)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()

@@ -20,9 +20,9 @@ from ...training.launcher import train
 
 def train_model(
     sft_dataset: DatasetDict, model_params: dict[str, Any], params: dict[str, Any], format_params: dict[str, Any]
-) -> tuple[ModelFiles, dict[int, float], dict[str, list], dict[str, Any], dict[str, Any], Any]:
-    """The trained model's files, per-step loss, learning-rate and grad-norm curves, a summary, its metrics,
-    a loss plot."""
+) -> tuple[ModelFiles, list[dict[str, float]], dict[str, Any], dict[str, Any], Any]:
+    """The trained model's files, the per-step loss, learning rate and grad norm (in MLflow already, live,
+    as train/<name>), a summary, its metrics, a loss plot."""
     model_config = parse_config(ModelConfig, model_params, "model")
     config = parse_config(TrainConfig, params, "train")
     if config.packing or config.neat_packing:  # pack_length follows format.cutoff_len unless set
@@ -45,16 +45,12 @@ def train_model(
         },
     )
     loss_history = {int(entry["step"]): entry["loss"] for entry in result.history}
-    curves = {
-        key: [{"value": entry[key], "step": int(entry["step"])} for entry in result.history if key in entry]
-        for key in ("learning_rate", "grad_norm")
-    }
     metrics = {
         key: {"value": float(value), "step": 0}
         for key, value in result.summary.items()
         if isinstance(value, (int, float))
     }
-    return model, loss_history, curves, result.summary, metrics, plot_loss(loss_history)
+    return model, result.history, result.summary, metrics, plot_loss(loss_history)
 
 
 def smooth(values: list[float]) -> list[float]:

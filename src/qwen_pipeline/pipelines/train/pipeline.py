@@ -9,14 +9,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 func=train_model,
                 inputs=["sft_dataset", "params:model", "params:train", "params:format"],
-                outputs=[
-                    "trained_model",
-                    "train_loss_history",
-                    "training_curves",
-                    "training_summary",
-                    "training_metrics",
-                    "loss_plot",
-                ],
+                outputs=["trained_model", "training_history", "training_summary", "training_metrics", "loss_plot"],
                 name="train_model_node",
             )
         ]

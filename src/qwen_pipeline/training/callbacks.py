@@ -1,0 +1,110 @@
+"""What a training run shows while it runs: a progress bar with a one-line loss now and then, and
+per-step metrics in MLflow as they come (not when the train node ends).
+
+- ``QuietProgress``: the Trainer's progress bar without the dict it prints at every logging step;
+  about ten "step n/N: loss ..." log lines over the run instead.
+- ``LiveMetrics``: rank 0 logs ``train/loss``, ``train/learning_rate``, ``train/grad_norm`` and
+  ``train/tokens_per_s`` to the run kedro-mlflow opened, at each logging step. A resumed run first
+  logs the history its checkpoint holds, and never logs a step twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from transformers import ProgressCallback, TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+RUN_ID_ENV = "QWEN_PIPELINE_MLFLOW_RUN_ID"  # set by the launcher for torchrun workers
+METRICS = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm"}
+
+
+class QuietProgress(ProgressCallback):
+    """The progress bar, and a log line about every tenth of the run instead of a dict per step."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        every = max(1, state.max_steps // 10)
+        if state.global_step % every == 0 or state.global_step == state.max_steps:
+            parts = [f"loss {logs['loss']:.4f}"]
+            parts += [f"{k.replace('_', ' ')} {logs[k]:.3g}" for k in ("learning_rate", "grad_norm") if k in logs]
+            logger.info("step %d/%d: %s", state.global_step, state.max_steps, ", ".join(parts))
+
+
+def tracking_environment() -> dict[str, str]:
+    """What a torchrun worker needs to log into the driver's MLflow run (nothing without an active run)."""
+    try:
+        import mlflow
+    except ImportError:  # pragma: no cover - mlflow is a dependency
+        return {}
+    run = mlflow.active_run()
+    if run is None:
+        return {}
+    return {RUN_ID_ENV: run.info.run_id, "MLFLOW_TRACKING_URI": _absolute(mlflow.get_tracking_uri())}
+
+
+def _absolute(uri: str) -> str:
+    """A relative ``sqlite:///mlflow.db`` as an absolute path: workers may start elsewhere."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri
+
+
+class LiveMetrics(TrainerCallback):
+    """Per-step metrics into an MLflow run while training runs (rank 0 only)."""
+
+    def __init__(self, run_id: str, tracking_uri: str | None = None):
+        from mlflow import MlflowClient
+
+        self.run_id = run_id
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.logged: set[int] = set()
+        self.last: tuple[float, int] | None = None  # (time, tokens seen) at the last logging step
+
+    @classmethod
+    def for_this_process(cls) -> LiveMetrics | None:
+        """The callback for the run kedro-mlflow opened (this process's, or the launcher's), or None."""
+        run_id = os.environ.get(RUN_ID_ENV)
+        if run_id:
+            return cls(run_id, os.environ.get("MLFLOW_TRACKING_URI"))
+        environment = tracking_environment()
+        return cls(environment[RUN_ID_ENV], environment["MLFLOW_TRACKING_URI"]) if environment else None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self.logged = {m.step for m in self.client.get_metric_history(self.run_id, METRICS["loss"])}
+        # A resumed run: the steps before its checkpoint, from the history the checkpoint holds.
+        self._log([entry for entry in state.log_history if "loss" in entry])
+        self.last = (time.perf_counter(), state.num_input_tokens_seen)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        entry = {**logs, "step": state.global_step}
+        now, tokens = time.perf_counter(), state.num_input_tokens_seen
+        if self.last is not None and tokens and now > self.last[0]:
+            entry["tokens_per_s"] = (tokens - self.last[1]) / (now - self.last[0])
+        self.last = (now, tokens)
+        self._log([entry])
+
+    def _log(self, entries: list[dict]) -> None:
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        metrics = []
+        for entry in entries:
+            step = int(entry["step"])
+            if step in self.logged:
+                continue
+            self.logged.add(step)
+            names = {**METRICS, "tokens_per_s": "train/tokens_per_s"}
+            metrics += [Metric(names[k], float(entry[k]), stamp, step) for k in names if k in entry]
+        for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a call
+            self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
