@@ -44,6 +44,28 @@ def project(tmp_path_factory, model_cache):
     return root, logs
 
 
+def test_console_is_quiet_and_each_run_ends_with_its_summary(project):
+    root, logs = project
+    for name, log in logs.items():
+        assert "\x1b[" not in log, name  # no colour codes when not a terminal
+        for noise in ("DeprecationWarning", "FutureWarning", "UserWarning", "Traceback", "{'loss'"):
+            assert noise not in log, (name, noise)
+    sft = logs["sft"].split("INFO Run summary\n", 1)[1].splitlines()
+    assert sft[0].startswith("  finished in ") and sft[1].startswith("  MLflow run ")
+    assert (
+        "(sft): mlflow ui --backend-store-uri sqlite:///mlflow.db, then http://127.0.0.1:5000/#/experiments/" in sft[1]
+    )
+    assert sft[2].startswith("  records: 362 read, 360 kept, 2 rejected (") and "rejected_records.json" in sft[2]
+    assert sft[3].startswith("  examples: 360 (22816 tokens, 5103 learned; train 324, validation 36), 0 dropped")
+    assert sft[4].startswith("  training: 41 steps, loss ") and sft[4].endswith("data/06_models/trained")
+    assert sft[5:] == ["  next: kedro run --pipelines merge"]
+    assert len([line for line in logs["sft"].splitlines() if " INFO step " in line]) == 10  # not one per step
+    merge = logs["merge"].split("INFO Run summary\n", 1)[1]
+    assert "  merge: check passed (max |logit diff| " in merge and "next: kedro run --pipelines evaluate" in merge
+    evaluate = logs["evaluate"].split("INFO Run summary\n", 1)[1]
+    assert "  evaluation (base -> fine-tuned): eval_loss " in evaluate
+
+
 def test_training_lowers_the_loss(project):
     root, _ = project
     summary = json.loads((root / "data/08_reporting/training_summary.json").read_text())

@@ -3,6 +3,7 @@
 from kedro.config import OmegaConfigLoader
 
 from .errors import UserErrorHook
+from .summary import RunSummaryHook
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
@@ -13,5 +14,6 @@ CONFIG_LOADER_ARGS = {
     "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**"]},
 }
 
-# Data and configuration errors print as one message naming the file, record and field.
-HOOKS = (UserErrorHook(),)
+# Data and configuration errors print as one message naming the file, record and field; a run that
+# ends well ends with its summary (MLflow run, outputs, counts, what to run next).
+HOOKS = (UserErrorHook(), RunSummaryHook())
