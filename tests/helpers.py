@@ -48,7 +48,7 @@ def validate(records: list[dict], params: dict, **processing):
     from qwen_pipeline.pipelines.validate.nodes import accept_conversations, validate_conversations
 
     out, rejected, report, metrics = validate_conversations(conversation_rows(records), None, params, processing)
-    out = accept_conversations(out, report, params)
+    out = accept_conversations(out, params)
     return out.data.to_list(), rejected, report, metrics
 
 

@@ -223,6 +223,12 @@ def test_viz_build_shows_the_lineage(project, model_cache):
         "eval_comparison",
     ]
     assert all(step in edges for step in zip(chain, chain[1:])), set(zip(chain, chain[1:])) - edges
+    layers = ["raw", "intermediate", "primary", "models", "model_output", "reporting"]
+    assert graph["layers"] == layers  # enabled: no dataset of a later layer feeds an earlier one
+    for path in sorted((root / "build/api/pipelines").iterdir()):
+        pipeline = json.loads(path.read_text())
+        used = {n["layer"] for n in pipeline["nodes"] if n.get("layer") and path.name in n["pipelines"]}
+        assert [layer for layer in pipeline["layers"] if layer in used] == [x for x in layers if x in used], path.name
     sft = json.loads((root / "build/api/pipelines/sft").read_text())
     sft_tasks = {n["name"] for n in sft["nodes"] if n["type"] == "task" and "sft" in n["pipelines"]}
     assert sft_tasks == {

@@ -26,26 +26,40 @@ def install(project: Path | None = None) -> None:
     path = Path(project or ".") / FILTERS
     if not path.is_file():
         return
-    ignored = []
+    rules = []
     for entry in (yaml.safe_load(path.read_text()) or {}).get("filters", []):
         category = getattr(builtins, entry.get("category", "Warning"))
         message, module = entry.get("message", ""), entry.get("module", "")
         warnings.filterwarnings(entry["action"], message=message, category=category, module=module)
-        if entry["action"] == "ignore" and message:
-            ignored.append((re.compile(message, re.IGNORECASE), category))
-    _drop_at_show(ignored)
+        if entry["action"] == "ignore":
+            text = re.compile(message, re.IGNORECASE) if message else None
+            rules.append((text, category, re.compile(module) if module else None))
+    _drop_at_show(rules)
 
 
-def _drop_at_show(ignored: list[tuple[re.Pattern, type]]) -> None:
-    """The same message filters where a warning is shown: MLflow shows some inside its own
-    ``catch_warnings`` with a filter of its own ("once"), which no global filter can override."""
+def _module(filename: str) -> str:
+    """The dotted module name of a source file under site-packages or src ("" if neither)."""
+    parts = Path(filename).with_suffix("").parts
+    for root in ("site-packages", "src"):
+        if root in parts:
+            return ".".join(parts[len(parts) - parts[::-1].index(root) :])
+    return ""
+
+
+def _drop_at_show(rules: list[tuple[re.Pattern | None, type, re.Pattern | None]]) -> None:
+    """The same rules where a warning is shown. Filters alone do not hold: other libraries insert
+    theirs ahead (torch, Kedro re-adding "default" for its deprecations), and MLflow shows some
+    warnings inside its own ``catch_warnings`` with a filter of its own."""
     show = warnings.showwarning
     if getattr(show, "_qwen_pipeline", False):
         return
 
     def showwarning(message, category, filename, lineno, file=None, line=None):
-        if any(pattern.match(str(message)) and issubclass(category, kind) for pattern, kind in ignored):
-            return
+        module = _module(filename)
+        for pattern, kind, where in rules:
+            if issubclass(category, kind) and (pattern is None or pattern.match(str(message))):
+                if where is None or where.match(module):
+                    return
         show(message, category, filename, lineno, file, line)
 
     showwarning._qwen_pipeline = True

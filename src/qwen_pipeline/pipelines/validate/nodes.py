@@ -83,10 +83,11 @@ def validate_conversations(
     return StageOutput(kept, fingerprint, (rejected, report, metrics)), rejected, report, metrics
 
 
-def accept_conversations(validated: StageOutput, report: dict[str, Any], params: dict[str, Any]) -> StageOutput:
+def accept_conversations(validated: StageOutput, params: dict[str, Any]) -> StageOutput:
     """The validated conversations, unless too many records were rejected: then the run stops here,
     after the rejected records and the validation report of this run were written."""
     config = parse_config(ValidateConfig, params, "validate")
+    _, report, _ = validated.outputs  # (rejected records, report, metrics), as validate_conversations made them
     read, rejected = report["read"], report["rejected"]
     share = rejected / read if read else 0.0
     examples = _describe(report["rejected_examples"])

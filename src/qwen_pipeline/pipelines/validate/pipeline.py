@@ -14,7 +14,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(  # a run with too many rejects stops here, its reports written
                 func=accept_conversations,
-                inputs=["validated_conversations", "validation_report", "params:validate"],
+                inputs=["validated_conversations", "params:validate"],
                 outputs="conversations",
                 name="accept_conversations_node",
             ),
