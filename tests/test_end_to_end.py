@@ -153,6 +153,9 @@ def test_registered_model_loads_and_answers(project):
     answers = model.predict(["What is 2 + 3?", [{"role": "user", "content": "你好"}]])
     tokenizer = load_tokenizer(str(root / "data/06_models/merged"))
     assert len(answers) == 2 and all(len(tokenizer(a)["input_ids"]) <= 4 for a in answers), answers
+    requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/qwen_pipeline_merged@candidate")).read_text()
+    pins = [line for line in requirements.split() if line.startswith(("torch==", "transformers==", "mlflow=="))]
+    assert len(pins) == 3 and not [pin for pin in pins if "+" in pin], requirements  # installable elsewhere
     weights = Path(model.unwrap_python_model().model.name_or_path)
     exported = root / "data/06_models/merged/model.safetensors"
     assert (weights / "model.safetensors").read_bytes() == exported.read_bytes()

@@ -38,7 +38,10 @@ def log_model_directory(
     tags = lineage_tags(manifest)
     mlflow.set_tags(tags)
     mlflow.log_dict(manifest, f"{name}_manifest.json")
-    requirements = [f"{pkg}=={_version(pkg)}" for pkg in ("mlflow", "torch", "transformers", "tokenizers")]
+    # Public versions only: a local build tag (torch's "+cpu", "+cu124") is installable nowhere else.
+    requirements = [
+        f"{pkg}=={_version(pkg).split('+')[0]}" for pkg in ("mlflow", "torch", "transformers", "tokenizers")
+    ]
     info = mlflow.pyfunc.log_model(
         name=name,
         python_model=str(SERVING_CODE),
