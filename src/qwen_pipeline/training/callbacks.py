@@ -13,13 +13,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
 
 from transformers import ProgressCallback, TrainerCallback
 
+from ..tracking import RUN_ID_ENV, tracking_environment
+
 logger = logging.getLogger(__name__)
 
-RUN_ID_ENV = "QWEN_PIPELINE_MLFLOW_RUN_ID"  # set by the launcher for torchrun workers
 METRICS = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm"}
 
 
@@ -34,26 +34,6 @@ class QuietProgress(ProgressCallback):
             parts = [f"loss {logs['loss']:.4f}"]
             parts += [f"{k.replace('_', ' ')} {logs[k]:.3g}" for k in ("learning_rate", "grad_norm") if k in logs]
             logger.info("step %d/%d: %s", state.global_step, state.max_steps, ", ".join(parts))
-
-
-def tracking_environment() -> dict[str, str]:
-    """What a torchrun worker needs to log into the driver's MLflow run (nothing without an active run)."""
-    try:
-        import mlflow
-    except ImportError:  # pragma: no cover - mlflow is a dependency
-        return {}
-    run = mlflow.active_run()
-    if run is None:
-        return {}
-    return {RUN_ID_ENV: run.info.run_id, "MLFLOW_TRACKING_URI": _absolute(mlflow.get_tracking_uri())}
-
-
-def _absolute(uri: str) -> str:
-    """A relative ``sqlite:///mlflow.db`` as an absolute path: workers may start elsewhere."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix) :]).resolve())
-    return uri
 
 
 class LiveMetrics(TrainerCallback):

@@ -23,7 +23,6 @@ from datasets import DatasetDict
 
 from ..config import ModelConfig, TrainConfig
 from ..models import load_tokenizer
-from .callbacks import LiveMetrics, QuietProgress
 from .packing import FlatCollator, labelled_tokens, pack, padding_share, row_lengths
 
 logger = logging.getLogger(__name__)
@@ -153,6 +152,7 @@ def run_sft(
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from transformers import DataCollatorForSeq2Seq, ProgressCallback, TrainingArguments, set_seed
 
+    from .callbacks import LiveMetrics, QuietProgress  # transformers' classes: imported when training starts
     from .loss import SFTTrainer
 
     set_seed(config.seed)
