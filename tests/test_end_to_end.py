@@ -111,6 +111,7 @@ def test_mlflow_holds_parameters_loss_history_and_merged_model(project):
     assert set(runs) == {"sft", "merge", "evaluate"}
     sft = runs["sft"]
     assert sft.data.params["train.learning_rate"] == "0.005"
+    assert sft.data.tags["runner"] == "SequentialRunner"  # not the object's repr
     assert sft.data.params["format.cutoff_len"] == "512"
     assert sft.data.params["model.model_name_or_path"] == "embedded:tiny-qwen2.5"
     history = client.get_metric_history(sft.info.run_id, "train/loss")  # logged live, step by step
@@ -124,6 +125,8 @@ def test_mlflow_holds_parameters_loss_history_and_merged_model(project):
     assert not {"train_loss", "train.learning_rate"} & set(sft.data.metrics)  # one name per curve
     assert "training_loss.png" in {a.path for a in client.list_artifacts(sft.info.run_id)}
     merge = runs["merge"]
+    assert merge.data.metrics["merge_check.passed"] == 1.0 and merge.data.metrics["merge_check.top1_agreement"] == 1.0
+    assert 0 < merge.data.metrics["merge_check.max_abs_logit_diff"] <= merge.data.metrics["merge_check.tolerance"]
     assert merge.data.params["merge.export_size"] == "5" and merge.data.params["merge.export_dtype"] == "auto"
     trained = json.loads((root / "data/06_models/trained/qwen_pipeline.json").read_text())
     assert trained["mlflow_run_id"] == sft.info.run_id and len(trained["data_fingerprint"]) == 64

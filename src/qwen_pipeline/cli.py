@@ -24,7 +24,10 @@ def cli() -> None:
 
 def _checked_run(**kwargs):
     project = find_kedro_project(Path.cwd()) or Path.cwd()
-    bootstrap_project(project)  # done already by `kedro`; `python -m qwen_pipeline` comes here first
+    from kedro.framework.project import PACKAGE_NAME
+
+    if PACKAGE_NAME is None:  # `kedro` has configured the project already; `python -m qwen_pipeline` may not
+        bootstrap_project(project)
     names = kwargs.get("pipelines") or ([kwargs["pipeline"]] if kwargs.get("pipeline") else [])
     try:
         warnings = check_run(

@@ -27,6 +27,18 @@ def environments(conf_root: Path) -> list[str]:
     return sorted(p.name for p in conf_root.iterdir() if p.is_dir() and p.name != "base")
 
 
+def pipeline_names_of_project() -> list[str]:
+    """The registered pipeline names, without importing any pipeline: the packages under
+    ``<package>/pipelines`` that have a ``pipeline.py`` (Kedro's own discovery), and ``__default__``."""
+    from importlib.resources import files
+
+    from kedro.framework.project import PACKAGE_NAME
+
+    folder = files(f"{PACKAGE_NAME}.pipelines")
+    found = [p.name for p in folder.iterdir() if p.is_dir() and (p / "pipeline.py").is_file()]
+    return sorted([*found, "__default__"])
+
+
 def check_run(
     *, project: Path, env: str | None, conf_source: str | None, params: dict[str, Any], pipeline_names: list[str]
 ) -> list[str]:
@@ -37,11 +49,12 @@ def check_run(
     if env and conf_root.is_dir() and env not in (known := environments(conf_root)):
         raise RunError(f"--env {env}: no folder {conf_root.name}/{env}; environments: {', '.join(known)}")
     names = pipeline_names or ["__default__"]
-    if unknown := [name for name in names if name not in pipelines]:
-        raise RunError(f"no pipeline named {', '.join(map(repr, unknown))}; pipelines: {', '.join(sorted(pipelines))}")
+    if unknown := [name for name in names if name not in (known := pipeline_names_of_project())]:
+        raise RunError(f"no pipeline named {', '.join(map(repr, unknown))}; pipelines: {', '.join(known)}")
+    pipelines.set_requested(names)  # only those, as `kedro run` loads them (evaluate's imports cost a second)
     selected = sum((pipelines[name] for name in names), start=pipelines[names[0]].__class__([]))
-    in_run = {node.name for node in selected.nodes}
-    stages = {stage for stage in STAGES if stage in pipelines and in_run & {n.name for n in pipelines[stage].nodes}}
+    # A node's stage is the pipeline package its function lives in (qwen_pipeline.pipelines.<stage>.nodes).
+    stages = {node.func.__module__.split(".")[2] for node in selected.nodes} & set(STAGES)
     blocks = {name.split(":", 1)[1] for name in selected.inputs() if name.startswith("params:")}
     if conf_root.is_dir():
         loader = settings.CONFIG_LOADER_CLASS(

@@ -38,6 +38,7 @@ class RunSummaryHook:
 
     @hook_impl
     def after_pipeline_run(self, run_params: dict[str, Any], run_result, pipeline, catalog) -> None:
+        _readable_runner_tag(run_params)
         try:
             lines = summary_lines(pipeline.all_outputs(), catalog, time.monotonic() - self._started)
         except Exception:  # noqa: BLE001 - a summary never fails a run that succeeded
@@ -117,3 +118,20 @@ def _mlflow_lines() -> list[str]:
         f"MLflow run {run.info.run_id} ({run.info.run_name}): {ui}, then "
         f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
     ]
+
+
+def _readable_runner_tag(run_params: dict[str, Any]) -> None:
+    """kedro-mlflow tags the run with the runner object's repr ("<kedro.runner... object at 0x7f...>"):
+    the class name instead."""
+    runner = str(run_params.get("runner") or "")
+    if " object at " not in runner:
+        return
+    try:
+        import mlflow
+
+        run = mlflow.active_run() or mlflow.last_active_run()
+        if run is not None:
+            name = runner.split(" object at ")[0].rsplit(".", 1)[-1]
+            mlflow.MlflowClient().set_tag(run.info.run_id, "runner", name)
+    except Exception:  # noqa: BLE001 - a tag never fails a run that succeeded
+        logger.debug("runner tag not set", exc_info=True)

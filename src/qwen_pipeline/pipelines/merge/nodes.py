@@ -133,3 +133,10 @@ def publish_merged_model(merge_staged: ModelFiles, merge_report: dict[str, Any])
         )
     manifest = {**merge_staged.manifest, "merge": {**merge_staged.manifest["merge"], "check": check}}
     return ModelFiles(path=merge_staged.path, manifest=manifest)
+
+
+def merge_check_metrics(merge_report: dict[str, Any]) -> dict[str, Any]:
+    """The logit check as MLflow metrics (merge_check.<name>), beside the report's JSON."""
+    check = merge_report["check"]
+    values = {key: float(check[key]) for key in ("max_abs_logit_diff", "tolerance", "top1_agreement", "tokens")}
+    return {key: {"value": value, "step": 0} for key, value in {**values, "passed": float(check["passed"])}.items()}

@@ -1,6 +1,6 @@
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import check_merged_model, merge_adapter, publish_merged_model
+from .nodes import check_merged_model, merge_adapter, merge_check_metrics, publish_merged_model
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -17,6 +17,12 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=["merge_staged", "params:merge"],
                 outputs="merge_report",
                 name="check_merged_model_node",
+            ),
+            Node(
+                func=merge_check_metrics,
+                inputs="merge_report",
+                outputs="merge_check_metrics",
+                name="merge_check_metrics_node",
             ),
             Node(
                 func=publish_merged_model,
