@@ -162,6 +162,13 @@ def to_arrow(encoded) -> pa.Table:
     )
 
 
+def _row_numbers(part: Dataset) -> np.ndarray:
+    """The row numbers a part of the split holds, read straight from its indices mapping (the rows are
+    0..n-1). Reading them through datasets' formatting cost 0.8 s and 100 MB per 200k rows."""
+    column = part._indices.column(0) if part._indices is not None else part.data.column("row")
+    return column.to_numpy()
+
+
 def split(dataset: Dataset, held_out: np.ndarray, val_size: float | int, seed: int) -> DatasetDict:
     """Train and validation splits as row orders over ``dataset`` (indices mappings: no row is copied).
 
@@ -179,6 +186,5 @@ def split(dataset: Dataset, held_out: np.ndarray, val_size: float | int, seed: i
         raise DataError(f"format.val_size={val_size} leaves no training examples out of {len(dataset)}")
     # The permutation datasets would draw, computed on the row numbers alone (8 bytes a row).
     rows = Dataset.from_dict({"row": np.arange(len(dataset))}).train_test_split(test_size=val_size, seed=seed)
-    # As one Arrow column: iterating datasets' lazy Column would cost seconds per 100k rows.
-    train, validation = (rows[name].with_format("arrow")[:]["row"].to_numpy() for name in ("train", "test"))
+    train, validation = (_row_numbers(rows[name]) for name in ("train", "test"))
     return DatasetDict({"train": dataset.select(train), "validation": dataset.select(validation)})
