@@ -44,6 +44,7 @@ def check_run(
 ) -> list[str]:
     """Raise ``RunError`` / ``ConfigError`` naming every problem of this run; return its warnings."""
     from kedro.framework.project import pipelines, settings
+    from kedro.pipeline import Pipeline
 
     conf_root = Path(conf_source) if conf_source else project / settings.CONF_SOURCE
     if env and conf_root.is_dir() and env not in (known := environments(conf_root)):
@@ -52,7 +53,7 @@ def check_run(
     if unknown := [name for name in names if name not in (known := pipeline_names_of_project())]:
         raise RunError(f"no pipeline named {', '.join(map(repr, unknown))}; pipelines: {', '.join(known)}")
     pipelines.set_requested(names)  # only those, as `kedro run` loads them (evaluate's imports cost a second)
-    selected = sum((pipelines[name] for name in names), start=pipelines[names[0]].__class__([]))
+    selected = sum((pipelines[name] for name in names), start=Pipeline([]))
     # A node's stage is the pipeline package its function lives in (qwen_pipeline.pipelines.<stage>.nodes).
     stages = {node.func.__module__.split(".")[2] for node in selected.nodes} & set(STAGES)
     blocks = {name.split(":", 1)[1] for name in selected.inputs() if name.startswith("params:")}

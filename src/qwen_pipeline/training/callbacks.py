@@ -20,7 +20,12 @@ from ..tracking import RUN_ID_ENV, tracking_environment
 
 logger = logging.getLogger(__name__)
 
-METRICS = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm"}
+METRICS = {
+    "loss": "train/loss",
+    "learning_rate": "train/learning_rate",
+    "grad_norm": "train/grad_norm",
+    "tokens_per_s": "train/tokens_per_s",
+}
 
 
 class QuietProgress(ProgressCallback):
@@ -84,7 +89,6 @@ class LiveMetrics(TrainerCallback):
             if step in self.logged:
                 continue
             self.logged.add(step)
-            names = {**METRICS, "tokens_per_s": "train/tokens_per_s"}
-            metrics += [Metric(names[k], float(entry[k]), stamp, step) for k in names if k in entry]
+            metrics += [Metric(name, float(entry[key]), stamp, step) for key, name in METRICS.items() if key in entry]
         for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a call
             self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])

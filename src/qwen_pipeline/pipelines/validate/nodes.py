@@ -88,6 +88,8 @@ def accept_conversations(validated: StageOutput, params: dict[str, Any]) -> Stag
     after the rejected records and the validation report of this run were written."""
     config = parse_config(ValidateConfig, params, "validate")
     _, report, _ = validated.outputs  # (rejected records, report, metrics), as validate_conversations made them
+    if report["accepted"]:
+        return validated
     read, rejected = report["read"], report["rejected"]
     share = rejected / read if read else 0.0
     examples = _describe(report["rejected_examples"])
@@ -99,12 +101,10 @@ def accept_conversations(validated: StageOutput, params: dict[str, Any]) -> Stag
             f"First rejected: {examples}. Every record and its reason: the rejected_records dataset "
             "(data/08_reporting/rejected_records.json), counts in the validation report."
         )
-    if not report["kept"]:
-        raise DataError(
-            f"no valid records among {read} (first rejected: {examples}); "
-            "see the rejected_records dataset (data/08_reporting/rejected_records.json)"
-        )
-    return validated
+    raise DataError(
+        f"no valid records among {read} (first rejected: {examples}); "
+        "see the rejected_records dataset (data/08_reporting/rejected_records.json)"
+    )
 
 
 def _describe(examples: list[dict[str, Any]]) -> str:
