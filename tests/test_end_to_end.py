@@ -101,11 +101,12 @@ def test_adapter_loads_with_peft_and_merged_logits_match(project):
     assert 151645 in generation["eos_token_id"]
 
 
-def test_mlflow_holds_parameters_loss_history_and_merged_model(project):
+def test_mlflow_holds_parameters_loss_history_and_merged_model(project, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     root, _ = project
-    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    monkeypatch.chdir(root)  # the store's artifact locations are relative to the project
+    client = MlflowClient(tracking_uri="sqlite:///mlflow.db")
     experiment = client.get_experiment_by_name("qwen_pipeline")
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
     assert set(runs) == {"sft", "merge", "evaluate"}
@@ -145,11 +146,12 @@ def test_mlflow_holds_parameters_loss_history_and_merged_model(project):
     assert "merged_model_manifest.json" in {a.path for a in client.list_artifacts(merge.info.run_id)}
 
 
-def test_registered_model_loads_and_answers(project):
+def test_registered_model_loads_and_answers(project, monkeypatch):
     import mlflow
 
     root, _ = project
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    monkeypatch.chdir(root)  # artifact locations are relative to the project
+    mlflow.set_tracking_uri("sqlite:///mlflow.db")
     from qwen_pipeline.models import load_tokenizer
 
     model = mlflow.pyfunc.load_model("models:/qwen_pipeline_merged@candidate", model_config={"max_new_tokens": 4})
@@ -164,7 +166,33 @@ def test_registered_model_loads_and_answers(project):
     assert (weights / "model.safetensors").read_bytes() == exported.read_bytes()
 
 
-def test_fine_tuned_beats_base_on_eval_loss_in_the_comparison(project):
+def test_registered_weights_are_hard_links_to_the_export(project, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    root, logs = project
+    manifest = json.loads((root / "data/06_models/merged/qwen_pipeline.json").read_text())
+    registration = manifest["mlflow_model"]
+    assert registration["registered_model_name"] == "qwen_pipeline_merged" and registration["version"] == "1"
+    assert registration["model_uri"] == "models:/qwen_pipeline_merged/1" and registration["alias"] == "candidate"
+    monkeypatch.chdir(root)  # the store's artifact locations are relative to the project
+    client = MlflowClient(tracking_uri="sqlite:///mlflow.db")
+    location = client.get_logged_model(registration["model_id"]).artifact_location
+    assert not Path(location).is_absolute()  # relative to the project
+    exported = root / "data/06_models/merged/model.safetensors"
+    stored = root / location / "artifacts/merged/model.safetensors"  # artifacts/<exported folder>
+    assert stored.stat().st_ino == exported.stat().st_ino and exported.stat().st_nlink == 2  # one file, two names
+    assert registration["bytes_linked"] == exported.stat().st_size
+    copied = [f for f in stored.parent.iterdir() if f.name != "model.safetensors"]  # tokenizer, config, manifest
+    assert len(copied) >= 5 and registration["bytes_copied"] == sum(f.stat().st_size for f in copied)
+    merge = client.get_run(registration["run_id"])
+    assert merge.data.metrics["model_store.bytes_linked"] == registration["bytes_linked"]
+    assert merge.data.metrics["model_store.bytes_copied"] == registration["bytes_copied"]
+    summary = logs["merge"].split("INFO Run summary\n", 1)[1]
+    assert "  registered: models:/qwen_pipeline_merged/1 (@candidate), " in summary
+    assert f"{registration['bytes_linked'] / 1e6:.1f} MB hard-linked" in summary
+
+
+def test_fine_tuned_beats_base_on_eval_loss_in_the_comparison(project, monkeypatch):
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
@@ -179,7 +207,8 @@ def test_fine_tuned_beats_base_on_eval_loss_in_the_comparison(project):
     assert list(predictions.columns) == ["prompt", "predict", "label"] and len(predictions) == 36  # 10% of 360
     assert list(base_predictions["prompt"]) == list(predictions["prompt"])
     assert predictions["prompt"].str.endswith("<|im_start|>assistant\n").all()
-    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    monkeypatch.chdir(root)  # the store's artifact locations are relative to the project
+    client = MlflowClient(tracking_uri="sqlite:///mlflow.db")
     experiment = client.get_experiment_by_name("qwen_pipeline")
     (run,) = client.search_runs([experiment.experiment_id], "tags.`mlflow.runName` = 'evaluate'")
     metrics = run.data.metrics
@@ -187,6 +216,16 @@ def test_fine_tuned_beats_base_on_eval_loss_in_the_comparison(project):
     assert metrics["eval.base.eval_loss"] == pytest.approx(table.loc["eval_loss", "base"])
     assert {f"eval.{m}.bleu-4" for m in ("base", "finetuned")} <= set(metrics)
     assert "eval_comparison.csv" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    # the run names the model version it evaluated, and the version carries the run's metrics
+    assert run.data.tags["model_version"] == "1" and run.data.tags["model_name"] == "qwen_pipeline_merged"
+    assert run.data.tags["model_uri"] == "models:/qwen_pipeline_merged/1"
+    version = client.get_model_version("qwen_pipeline_merged", "1")
+    assert version.tags["eval_run_id"] == run.info.run_id
+    assert float(version.tags["eval.finetuned.eval_loss"]) == pytest.approx(metrics["eval.finetuned.eval_loss"])
+    model_id = version.source.removeprefix("models:/")
+    on_model = {m.key: m.value for m in client.get_logged_model(model_id).metrics if m.run_id == run.info.run_id}
+    assert on_model == {k: v for k, v in metrics.items() if k.startswith("eval.")}
+    assert "  evaluated: models:/qwen_pipeline_merged/1 (" in logs["evaluate"]
 
 
 def test_rejected_records_and_counts_are_logged(project):
@@ -251,6 +290,42 @@ def test_viz_build_shows_the_lineage(project, model_cache):
         "tokenize_conversations_node",
         "train_model_node",
     }
+
+
+def test_a_moved_project_keeps_its_runs_and_models(project, model_cache, tmp_path, monkeypatch):
+    """MLflow's store holds artifact locations relative to the project: a copy works with the original gone."""
+    import shutil
+    import sqlite3
+
+    import mlflow
+
+    root, _ = project
+    stored = sqlite3.connect(root / "mlflow.db").execute(
+        "SELECT artifact_location FROM experiments UNION ALL SELECT artifact_uri FROM runs "
+        "UNION ALL SELECT artifact_location FROM logged_models UNION ALL SELECT storage_location FROM model_versions"
+    )
+    locations = [row[0] for row in stored]
+    assert len(locations) >= 6 and not [loc for loc in locations if loc.startswith(("/", "file:"))], locations
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved, symlinks=True)
+    hidden = root.with_name(root.name + "-away")
+    root.rename(hidden)  # nothing may still point into the original folder
+    try:
+        kedro(moved, "run", "--pipelines", "ingest", cache=model_cache)
+        monkeypatch.chdir(moved)  # artifact locations are relative to it
+        mlflow.set_tracking_uri(f"sqlite:///{moved / 'mlflow.db'}")  # (MLflow caches a store per URI string)
+        model = mlflow.pyfunc.load_model("models:/qwen_pipeline_merged@candidate", model_config={"max_new_tokens": 2})
+        assert len(model.predict(["hi"])) == 1
+        client = mlflow.MlflowClient()
+        runs = client.search_runs([client.get_experiment_by_name("qwen_pipeline").experiment_id])
+        by_name = {r.info.run_name: r for r in runs}
+        latest, sft = by_name["ingest"], by_name["sft"]  # the run made in the moved copy, and one made before
+        assert not Path(latest.info.artifact_uri).is_absolute()
+        assert (moved / latest.info.artifact_uri / "ingest_report.json").is_file()  # written in the copy
+        report = mlflow.artifacts.download_artifacts(run_id=sft.info.run_id, artifact_path="validation_report.json")
+        assert json.loads(Path(report).read_text())["kept"] == 360  # an artifact of a run made before the move
+    finally:
+        hidden.rename(root)
 
 
 def test_data_stages_rerun_with_nothing_changed_reuses_their_outputs(project, model_cache):

@@ -91,8 +91,9 @@ def test_evaluate_nodes_and_the_comparison(merged, validation, tokenizer):
     loss = table.set_index("metric").loc["eval_loss"]
     assert loss["change"] == pytest.approx(tuned["eval_loss"] - base["eval_loss"])
     assert loss["better"] == ("finetuned" if tuned["eval_loss"] < base["eval_loss"] else "base")
-    assert metrics["finetuned.eval_loss"] == {"value": tuned["eval_loss"], "step": 0}
-    assert set(metrics) == {f"{m}.{k}" for m in ("base", "finetuned") for k in table["metric"]}
+    assert metrics["model"] == tuned["registered_model"] == merged.registration  # the version evaluated
+    assert metrics["metrics"]["finetuned.eval_loss"] == tuned["eval_loss"]
+    assert set(metrics["metrics"]) == {f"{m}.{k}" for m in ("base", "finetuned") for k in table["metric"]}
     assert report["comparison"][0]["metric"] == "eval_loss"
 
 

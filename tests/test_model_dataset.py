@@ -50,3 +50,13 @@ def test_loading_an_incomplete_directory_fails_clearly(tmp_path):
     (tmp_path / "model" / "config.json").write_text("{}")
     with pytest.raises(Exception, match="no complete model directory here"):
         ModelDataset(filepath=str(tmp_path / "model")).load()
+
+
+def test_kedro_viz_shows_no_folder_size_for_a_model(tmp_path, bundle):
+    """kedro-viz sizes a dataset by its filepath attribute: a folder would show as 4KB (0 shows as N/A)."""
+    from kedro_viz.integrations.kedro.hooks_utils import compute_size
+
+    ModelDataset(filepath=str(tmp_path / "model")).save(bundle)
+    dataset = ModelDataset(filepath=str(tmp_path / "model"))
+    assert (tmp_path / "model").is_dir() and compute_size("model", {"model": dataset}) == 0
+    assert dataset._describe()["filepath"] == str(tmp_path / "model")  # still shown as the dataset's path

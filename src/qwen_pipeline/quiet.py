@@ -1,7 +1,8 @@
-"""The console without libraries' noise: the warning filters of ``conf/warnings.yml``.
+"""The console without libraries' noise: the warning filters of ``conf/warnings.yml``, and the logger
+levels of ``conf/logging.yml`` held against libraries that reset them.
 
-Applied when the package is imported: Kedro imports it (settings) before it loads its plugins,
-whose imports raise some of those warnings.
+The filters are applied when the package is imported: Kedro imports it (settings) before it loads its
+plugins, whose imports raise some of those warnings.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import yaml
+from kedro.framework.hooks import hook_impl
 
 FILTERS = Path("conf") / "warnings.yml"
 
@@ -64,3 +66,19 @@ def _drop_at_show(rules: list[tuple[re.Pattern | None, type, re.Pattern | None]]
 
     showwarning._qwen_pipeline = True
     warnings.showwarning = showwarning
+
+
+class LoggerLevelsHook:
+    """Re-applies the logger levels of the project's logging configuration once the plugins are loaded:
+    kedro-mlflow sets its logger to INFO when imported, and MLflow configures its own loggers (its own
+    handler and level) when it is first imported, both after Kedro read conf/logging.yml."""
+
+    @hook_impl(tryfirst=True)  # before kedro-mlflow's hook opens the store (MLflow's "Creating tables")
+    def after_context_created(self, context) -> None:
+        import logging
+
+        from kedro.framework.project import LOGGING
+
+        for name, config in (LOGGING.data.get("loggers") or {}).items():
+            if "level" in config:
+                logging.getLogger(name).setLevel(config["level"])

@@ -3,7 +3,9 @@
 from kedro.config import OmegaConfigLoader
 
 from .errors import UserErrorHook
+from .quiet import LoggerLevelsHook
 from .summary import RunSummaryHook
+from .tracking import PortableArtifactsHook
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
@@ -15,5 +17,7 @@ CONFIG_LOADER_ARGS = {
 }
 
 # Data and configuration errors print as one message naming the file, record and field; a run that
-# ends well ends with its summary (MLflow run, outputs, counts, what to run next).
-HOOKS = (UserErrorHook(), RunSummaryHook())
+# ends well ends with its summary (MLflow run, outputs, counts, what to run next). A local MLflow store
+# keeps its artifact locations relative to the project, so the project can be moved. Loggers keep the
+# levels conf/logging.yml gives them, whatever the plugins set when they load.
+HOOKS = (UserErrorHook(), RunSummaryHook(), PortableArtifactsHook(), LoggerLevelsHook())

@@ -34,7 +34,13 @@ class RunSummaryHook:
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        """Says where to watch the run (kedro-mlflow has just started its MLflow run)."""
         self._started = time.monotonic()
+        try:
+            for line in _mlflow_lines(started=True):
+                logger.info("%s", line)
+        except Exception:  # noqa: BLE001 - never stops a run
+            logger.debug("no MLflow line", exc_info=True)
 
     @hook_impl
     def after_pipeline_run(self, run_params: dict[str, Any], run_result, pipeline, catalog) -> None:
@@ -91,31 +97,51 @@ def summary_lines(outputs: set[str], catalog, seconds: float) -> list[str]:
             f"{check['tolerance']:.3g}, top-1 agreement {check['top1_agreement']:.3f}) "
             f"-> {_path(catalog, 'merged_model')}"
         )
+        lines += _registration_lines(catalog)
     if "eval_report" in outputs:
         stages.append("evaluate")
-        rows = {row["metric"]: row for row in catalog.load("eval_report")["comparison"]}
+        report = catalog.load("eval_report")
+        rows = {row["metric"]: row for row in report["comparison"]}
         shown = [
             f"{name} {row['base']:.4g} -> {row['finetuned']:.4g}"
             for name, row in rows.items()
             if row["base"] is not None and row["finetuned"] is not None
         ][:4]
         lines.append(f"evaluation (base -> fine-tuned): {'; '.join(shown)} -> {_path(catalog, 'eval_comparison')}")
+        if registered := report["finetuned"].get("registered_model"):
+            lines.append(f"evaluated: {registered['model_uri']} (the metrics are on that model version too)")
     if stages:
         last = max(stages, key=STAGE_ORDER.index)
         lines.append(f"next: {NEXT[last]}")
     return lines
 
 
-def _mlflow_lines() -> list[str]:
+def _registration_lines(catalog) -> list[str]:
+    """The MLflow model version the merged model was registered as, and the disk it took in the store."""
+    registration = catalog.load("merged_model").registration if "merged_model" in catalog else None
+    if not registration:
+        return []
+    alias = f" (@{registration['alias']})" if registration.get("alias") else ""
+    return [
+        f"registered: {registration['model_uri']}{alias}, {registration['bytes_copied'] / 1e6:.1f} MB copied into "
+        f"the MLflow store, {registration['bytes_linked'] / 1e6:.1f} MB hard-linked"
+    ]
+
+
+def _mlflow_lines(started: bool = False) -> list[str]:
+    import sys
+
+    if "mlflow" not in sys.modules:  # tracking disabled for this pipeline
+        return []
     import mlflow
 
-    run = mlflow.active_run() or mlflow.last_active_run()
+    run = mlflow.active_run() or (None if started else mlflow.last_active_run())
     if run is None:
         return []
     uri = mlflow.get_tracking_uri()
     ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else uri
     return [
-        f"MLflow run {run.info.run_id} ({run.info.run_name}): {ui}, then "
+        f"MLflow run {run.info.run_id} ({run.info.run_name}){' started' if started else ''}: {ui}, then "
         f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
     ]
 

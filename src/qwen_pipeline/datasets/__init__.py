@@ -2,6 +2,7 @@
 
 from .dataset_info import DatasetInfoDataset, RawDatasets
 from .model_dataset import ModelBundle, ModelDataset, ModelFiles
+from .model_metrics import ModelMetricsDataset
 from .stage import StageDataset, StageOutput
 
 __all__ = [
@@ -9,6 +10,7 @@ __all__ = [
     "ModelBundle",
     "ModelDataset",
     "ModelFiles",
+    "ModelMetricsDataset",
     "RawDatasets",
     "StageDataset",
     "StageOutput",

@@ -46,6 +46,11 @@ class ModelFiles:
     def base_model(self) -> str:
         return self.manifest["base_model"]
 
+    @property
+    def registration(self) -> dict[str, Any] | None:
+        """The MLflow model version this directory was registered as (name, version, model_id), if any."""
+        return self.manifest.get("mlflow_model")
+
     def load_tokenizer(self):
         from ..models import load_tokenizer
 
@@ -72,11 +77,13 @@ class ModelDataset(AbstractDataset[ModelBundle | ModelFiles, ModelBundle | Model
             name: merged_model
             registered_model_name: qwen_pipeline_merged
             alias: candidate
+            weights: hardlink      # hard links into a local store (no disk used); copy: copy the files
 
     Saving writes into a temporary sibling and renames it into place, with the
     manifest written last, so an interrupted save never leaves a directory that
     looks complete. ``kind: adapter`` loads the base model named in the manifest and
-    puts the adapter on top of it.
+    puts the adapter on top of it. A registered model's version is added to the manifest
+    (``mlflow_model``), so whoever loads the directory knows which version it is.
     """
 
     DEFAULT_SAVE_ARGS: dict[str, Any] = {"safe_serialization": True, "max_shard_size": "2GB"}
@@ -95,7 +102,7 @@ class ModelDataset(AbstractDataset[ModelBundle | ModelFiles, ModelBundle | Model
     ):
         if kind not in ("auto", "adapter", "causal_lm"):
             raise DatasetError(f"ModelDataset {filepath}: kind must be 'auto', 'adapter' or 'causal_lm', got {kind!r}")
-        self._filepath = Path(filepath)
+        self._path = Path(filepath)  # not _filepath: kedro-viz would show a folder's size as 4KB
         self._kind = kind
         self._save_args = {**self.DEFAULT_SAVE_ARGS, **(save_args or {})}
         self._load_args = {**self.DEFAULT_LOAD_ARGS, **(load_args or {})}
@@ -106,13 +113,13 @@ class ModelDataset(AbstractDataset[ModelBundle | ModelFiles, ModelBundle | Model
         self.metadata = metadata
 
     def _describe(self) -> dict[str, Any]:
-        return {"filepath": str(self._filepath), "kind": self._kind, "lazy": self._lazy, "save_args": self._save_args}
+        return {"filepath": str(self._path), "kind": self._kind, "lazy": self._lazy, "save_args": self._save_args}
 
     def _exists(self) -> bool:
-        return (self._filepath / MANIFEST).is_file()
+        return (self._path / MANIFEST).is_file()
 
     def _save(self, data: ModelBundle | ModelFiles) -> None:
-        target = self._filepath
+        target = self._path
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
         try:
@@ -145,28 +152,31 @@ class ModelDataset(AbstractDataset[ModelBundle | ModelFiles, ModelBundle | Model
         import mlflow
 
         if mlflow.active_run() is None:
-            logger.warning("No active MLflow run: %s not logged", self._filepath)
+            logger.warning("No active MLflow run: %s not logged", self._path)
             return
         from ..tracking import log_model_directory
 
-        log_model_directory(self._filepath, manifest, **self._mlflow_model)
+        manifest["mlflow_model"] = log_model_directory(self._path, manifest, **self._mlflow_model)
+        partial = self._path / f".{MANIFEST}.partial"
+        partial.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        partial.replace(self._path / MANIFEST)
 
     def _load(self) -> ModelBundle | ModelFiles:
         from ..models import load_causal_lm, load_tokenizer
 
         if not self._exists():
-            raise DatasetError(f"{self._filepath}: no complete model directory here (no {MANIFEST})")
-        manifest = json.loads((self._filepath / MANIFEST).read_text())
+            raise DatasetError(f"{self._path}: no complete model directory here (no {MANIFEST})")
+        manifest = json.loads((self._path / MANIFEST).read_text())
         if self._lazy:
-            return ModelFiles(path=self._filepath, manifest=manifest)
-        tokenizer = load_tokenizer(str(self._filepath))
+            return ModelFiles(path=self._path, manifest=manifest)
+        tokenizer = load_tokenizer(str(self._path))
         if manifest["kind"] == "causal_lm":
-            model = load_causal_lm(str(self._filepath), **self._load_args)
+            model = load_causal_lm(str(self._path), **self._load_args)
         else:
             from peft import PeftModel
 
             base = load_causal_lm(manifest["base_model"], **self._load_args)
-            model = PeftModel.from_pretrained(base, str(self._filepath), is_trainable=False)
+            model = PeftModel.from_pretrained(base, str(self._path), is_trainable=False)
         info = {k: v for k, v in manifest.items() if k not in ("kind", "base_model")}
         return ModelBundle(model=model, tokenizer=tokenizer, base_model=manifest["base_model"], info=info)
 

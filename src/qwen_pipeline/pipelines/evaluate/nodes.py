@@ -134,7 +134,7 @@ def evaluate_finetuned(
     result, predictions = evaluate(_load(str(merged_model.path)), merged_model.load_tokenizer(), validation, config)
     gc.collect()
     logger.info("Fine-tuned: eval loss %.4f, perplexity %.2f", result["eval_loss"], result["perplexity"])
-    return {"model": str(merged_model.path), **result}, predictions
+    return {"model": str(merged_model.path), "registered_model": merged_model.registration, **result}, predictions
 
 
 def evaluate_base(
@@ -154,7 +154,8 @@ def evaluate_base(
 def compare_evaluations(
     base_eval: dict[str, Any], finetuned_eval: dict[str, Any]
 ) -> tuple[dict[str, Any], pd.DataFrame, dict[str, Any]]:
-    """MLflow metrics eval.<model>.<metric>, a table with one row per metric, and the full report."""
+    """Metrics <model>.<metric> for the model version evaluated (MLflow: eval.<model>.<metric> on the run and
+    on that version), a table with one row per metric, and the full report."""
     rows = []
     for metric in ("eval_loss", "perplexity", *METRICS):
         tuned, base = finetuned_eval.get(metric), base_eval.get(metric)
@@ -167,10 +168,10 @@ def compare_evaluations(
     table = pd.DataFrame(rows, columns=["metric", "base", "finetuned", "change", "better"])
     logger.info("Base vs fine-tuned on the validation split:\n%s", table.to_string(index=False, float_format="%.2f"))
     metrics = {
-        f"{name}.{row['metric']}": {"value": float(row[name]), "step": 0}
+        f"{name}.{row['metric']}": float(row[name])
         for row in rows
         for name in ("base", "finetuned")
         if row[name] is not None
     }
     report = {"base": base_eval, "finetuned": finetuned_eval, "comparison": rows}
-    return metrics, table, report
+    return {"model": finetuned_eval.get("registered_model"), "metrics": metrics}, table, report
