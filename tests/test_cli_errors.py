@@ -139,3 +139,44 @@ def test_bad_run_stops_before_any_node_in_one_line(tmp_path, model_cache, name, 
     assert proc.returncode == 1
     assert (proc.stdout + proc.stderr).splitlines() == [line]
     assert not (root / "data" / "02_intermediate").exists() and not (root / "mlflow.db").exists()  # nothing ran
+
+
+def test_a_run_stopped_in_validate_leaves_no_earlier_output_looking_current(tmp_path, model_cache):
+    """The data stages ran well once; then the data changed and validate stopped the run: the earlier
+    conversations and tokenized dataset are marked stale, and a run that would read them says so."""
+    good = [GOOD, {**GOOD, "instruction": "q2"}, {**GOOD, "instruction": "q3"}]
+    root = project_with(tmp_path, {**DEMO_INFO, "a.json": json.dumps(good)})
+    env = {**os.environ, "QWEN_PIPELINE_CACHE": str(model_cache), "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "200"}
+    env.pop("QWEN_PIPELINE_TRACEBACK", None)
+
+    def kedro_run(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "kedro", "run", *args, "--params", "format.val_size=0"]
+        return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+    assert kedro_run("--pipelines", "ingest,validate,format").returncode == 0
+    stages = {
+        "conversations": root / "data" / "02_intermediate" / "conversations",
+        "sft_dataset": root / "data" / "03_primary" / "sft_dataset",
+    }
+    assert all((path / "stage.json").is_file() and not (path / "stale.json").exists() for path in stages.values())
+
+    (root / "data" / "01_raw" / "a.json").write_text(json.dumps([GOOD, {"instruction": "x"}, {"instruction": "y"}]))
+    stopped = kedro_run("--pipelines", "ingest,validate,format")
+    assert stopped.returncode == 1 and "Error: 3 of 4 records rejected (75%)" in stopped.stderr, stopped.stderr[-2000:]
+    reason = (
+        "the last run stopped in accept_conversations_node before remaking it "
+        "(3 of 4 records rejected (75%), more than validate.max_rejected_share=0.5)"
+    )
+    for name, path in stages.items():
+        assert f"WARNING {name} is an earlier run's output: marked stale" in stopped.stderr
+        assert json.loads((path / "stale.json").read_text())["reason"] == reason
+
+    later = kedro_run("--pipelines", "format")  # would read the stale conversations
+    assert later.returncode == 1 and "Traceback" not in later.stderr
+    assert f"Error: {stages['conversations']} is an earlier run's output, not current: {reason}\n" in (later.stderr), (
+        later.stderr[-2000:]
+    )
+
+    (root / "data" / "01_raw" / "a.json").write_text(json.dumps(good))  # fixed: the stages remake their outputs
+    assert kedro_run("--pipelines", "ingest,validate,format").returncode == 0
+    assert not [path for path in stages.values() if (path / "stale.json").exists()]

@@ -236,6 +236,24 @@ def test_stage_dataset_keeps_split_order_as_indices_and_replaces_atomically(tmp_
     assert [p.name for p in tmp_path.iterdir()] == ["stage"]  # no partial folder left
 
 
+def test_a_stale_stage_output_is_refused_until_saved_again(tmp_path):
+    from datasets import Dataset
+
+    from qwen_pipeline.datasets import StageOutput
+    from qwen_pipeline.errors import DataSourceError
+
+    target = StageDataset(path=str(tmp_path / "stage"))
+    assert target.mark_stale("no output yet") is False  # nothing to mark
+    output = StageOutput(Dataset.from_dict({"x": [1, 2]}), "fp1")
+    target.save(output)
+    assert target.mark_stale("the last run stopped in validate") is True
+    with pytest.raises(DataSourceError, match=r"stage is an earlier run's output, not current: the last run stopped"):
+        target.load()
+    assert StageDataset(path=str(tmp_path / "stage"), previous=True).load() is None  # never reused
+    target.save(StageOutput(Dataset.from_dict({"x": [1, 2]}), "fp1"))  # remade by the next run
+    assert target.load()["x"] == [1, 2] and not (tmp_path / "stage" / "stale.json").exists()
+
+
 def test_interleaved_mix_is_what_datasets_interleaves(tmp_path):
     from datasets import Dataset, interleave_datasets
 

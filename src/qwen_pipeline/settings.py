@@ -4,6 +4,7 @@ from kedro.config import OmegaConfigLoader
 
 from .errors import UserErrorHook
 from .quiet import LoggerLevelsHook
+from .stale import StaleOutputsHook
 from .summary import RunSummaryHook
 from .tracking import PortableArtifactsHook
 
@@ -19,5 +20,6 @@ CONFIG_LOADER_ARGS = {
 # Data and configuration errors print as one message naming the file, record and field; a run that
 # ends well ends with its summary (MLflow run, outputs, counts, what to run next). A local MLflow store
 # keeps its artifact locations relative to the project, so the project can be moved. Loggers keep the
-# levels conf/logging.yml gives them, whatever the plugins set when they load.
-HOOKS = (UserErrorHook(), RunSummaryHook(), PortableArtifactsHook(), LoggerLevelsHook())
+# levels conf/logging.yml gives them, whatever the plugins set when they load. A run that fails marks
+# the stage outputs it did not remake as stale, so none of them is later read as current.
+HOOKS = (UserErrorHook(), RunSummaryHook(), PortableArtifactsHook(), LoggerLevelsHook(), StaleOutputsHook())

@@ -17,12 +17,14 @@ from datasets.table import MemoryMappedTable
 from kedro.io import AbstractDataset, DatasetError
 
 from ..data.streaming import is_staged, iter_chunks, open_files, table_files, write_rows
+from ..errors import DataSourceError
 from ._files import swap_into_place
 
 logger = logging.getLogger(__name__)
 
 LAYOUT = "stage.json"  # written last: its presence means "complete"
 OUTPUTS = "outputs.json"
+STALE = "stale.json"  # written when a run stopped upstream: the output is an earlier run's, not this one's
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,9 @@ class StageDataset(AbstractDataset[StageOutput, "Dataset | DatasetDict | StageOu
     fingerprint matches. Saving moves the stage's staged Arrow files into place (a rename) and keeps
     a split's row order as an indices file rather than rewriting its rows; saving what is already
     stored, with the same fingerprint, does nothing. The folder is written beside and renamed into
-    place, so an interrupted save never leaves one that looks complete.
+    place, so an interrupted save never leaves one that looks complete. When a run stops before it
+    remakes this output (``StaleOutputsHook``), the folder is marked stale: loading it is an error saying
+    why, the ``previous`` view gives None, and the next save clears the mark.
     """
 
     def __init__(self, *, path: str, previous: bool = False, metadata: dict[str, Any] | None = None):
@@ -73,6 +77,11 @@ class StageDataset(AbstractDataset[StageOutput, "Dataset | DatasetDict | StageOu
             if self._previous:
                 return None
             raise DatasetError(f"{self._path}: no complete stage output here (no {LAYOUT}); run the stage first")
+        if (self._path / STALE).is_file():
+            if self._previous:
+                return None
+            why = json.loads((self._path / STALE).read_text())["reason"]
+            raise DataSourceError(f"{self._path} is an earlier run's output, not current: {why}")
         layout = json.loads((self._path / LAYOUT).read_text())
         parts = {name: self._open(part, layout["fingerprint"]) for name, part in layout["parts"].items()}
         data = parts[""] if list(parts) == [""] else DatasetDict(parts)
@@ -95,6 +104,7 @@ class StageDataset(AbstractDataset[StageOutput, "Dataset | DatasetDict | StageOu
             raise DatasetError(f"{self._path}: a 'previous' view is read-only; save to the stage's own entry")
         if self._is_stored(data):
             logger.info("%s: unchanged (fingerprint %s)", self._path, data.fingerprint[:12])
+            (self._path / STALE).unlink(missing_ok=True)
             return
         target = self._path
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -108,6 +118,14 @@ class StageDataset(AbstractDataset[StageOutput, "Dataset | DatasetDict | StageOu
             swap_into_place(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def mark_stale(self, reason: str) -> bool:
+        """Mark what is stored here as an earlier run's output (``reason``: why this run did not remake it).
+        Returns whether there was anything to mark."""
+        if self._previous or not self._exists():
+            return False
+        (self._path / STALE).write_text(json.dumps({"reason": reason}, ensure_ascii=False) + "\n")
+        return True
 
     def _is_stored(self, data: StageOutput) -> bool:
         if not self._exists():
