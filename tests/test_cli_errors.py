@@ -153,6 +153,12 @@ def test_a_run_stopped_in_validate_leaves_no_earlier_output_looking_current(tmp_
         command = [sys.executable, "-m", "kedro", "run", *args, "--params", "format.val_size=0"]
         return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
 
+    missing = kedro_run("--pipelines", "format")  # before any validate: one line, no traceback
+    conversations = root / "data" / "02_intermediate" / "conversations"
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert f"Error: {conversations}: no complete stage output here (no stage.json); run the stage first\n" in (
+        missing.stderr
+    )
     assert kedro_run("--pipelines", "ingest,validate,format").returncode == 0
     stages = {
         "conversations": root / "data" / "02_intermediate" / "conversations",

@@ -48,7 +48,7 @@ def test_interrupted_save_leaves_previous_version_and_no_partial(tmp_path, bundl
 def test_loading_an_incomplete_directory_fails_clearly(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
-    with pytest.raises(Exception, match="no complete model directory here"):
+    with pytest.raises(Exception, match="no complete model here"):
         ModelDataset(filepath=str(tmp_path / "model")).load()
 
 

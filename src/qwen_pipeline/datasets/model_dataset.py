@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from kedro.io import AbstractDataset, DatasetError
 
+from ..errors import DataSourceError
 from ._files import swap_into_place
 
 logger = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ class ModelDataset(AbstractDataset[ModelBundle | ModelFiles, ModelBundle | Model
         from ..models import load_causal_lm, load_tokenizer
 
         if not self._exists():
-            raise DatasetError(f"{self._path}: no complete model directory here (no {MANIFEST})")
+            raise DataSourceError(f"{self._path}: no complete model here (no {MANIFEST}); run the stage that makes it")
         manifest = json.loads((self._path / MANIFEST).read_text())
         if self._lazy:
             return ModelFiles(path=self._path, manifest=manifest)

@@ -76,7 +76,7 @@ class StageDataset(AbstractDataset[StageOutput, "Dataset | DatasetDict | StageOu
         if not self._exists():
             if self._previous:
                 return None
-            raise DatasetError(f"{self._path}: no complete stage output here (no {LAYOUT}); run the stage first")
+            raise DataSourceError(f"{self._path}: no complete stage output here (no {LAYOUT}); run the stage first")
         if (self._path / STALE).is_file():
             if self._previous:
                 return None
