@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from datasets import DatasetDict
+from tqdm.auto import tqdm
 
 from ...config import EvaluateConfig, parse_config
 from ...datasets import ModelFiles
@@ -36,11 +37,11 @@ def _pad(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
 
 
 @torch.no_grad()
-def eval_loss(model, examples, batch_size: int) -> tuple[float, int]:
+def eval_loss(model, examples, batch_size: int, label: str = "") -> tuple[float, int]:
     """Mean next-token loss over labelled positions, weighted per token (not per batch)."""
     total, count = 0.0, 0
     device = next(model.parameters()).device
-    for start in range(0, len(examples), batch_size):
+    for start in tqdm(range(0, len(examples), batch_size), desc=f"Eval loss {label}".strip(), unit="batch"):
         batch = examples[start : start + batch_size]
         input_ids = _pad(batch["input_ids"], 0).to(device)
         attention = _pad(batch["attention_mask"], 0).to(device)
@@ -82,17 +83,20 @@ def generate(model, tokenizer, prompts: list[list[int]], config: EvaluateConfig)
     return [row[input_ids.shape[1] :].tolist() for row in out.cpu()]
 
 
-def evaluate(model, tokenizer, validation, config: EvaluateConfig) -> tuple[dict[str, Any], pd.DataFrame]:
+def evaluate(
+    model, tokenizer, validation, config: EvaluateConfig, label: str = ""
+) -> tuple[dict[str, Any], pd.DataFrame]:
     """Eval loss / perplexity over the whole split, generation metrics over its first max_samples."""
     model.eval()
-    loss, tokens = eval_loss(model, validation, config.batch_size)
+    loss, tokens = eval_loss(model, validation, config.batch_size, label)
     count = len(validation) if config.max_samples is None else min(config.max_samples, len(validation))
     sample = validation.select(range(count))
     pairs = [split_prompt_answer(ids, labels) for ids, labels in zip(sample["input_ids"], sample["labels"])]
     if config.do_sample:
         torch.manual_seed(config.seed)
     rows = []
-    for start in range(0, len(pairs), config.batch_size):
+    batches = range(0, len(pairs), config.batch_size)
+    for start in tqdm(batches, desc=f"Generating {label}".strip(), unit="batch"):
         chunk = pairs[start : start + config.batch_size]
         for (prompt, answer), output in zip(chunk, generate(model, tokenizer, [p for p, _ in chunk], config)):
             rows.append(
@@ -131,7 +135,9 @@ def evaluate_finetuned(
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     config = parse_config(EvaluateConfig, params, "evaluate")
     validation = _validation(sft_dataset)
-    result, predictions = evaluate(_load(str(merged_model.path)), merged_model.load_tokenizer(), validation, config)
+    model, tokenizer = _load(str(merged_model.path)), merged_model.load_tokenizer()
+    result, predictions = evaluate(model, tokenizer, validation, config, label="(fine-tuned)")
+    del model  # the base model is loaded next: never both in memory
     gc.collect()
     logger.info("Fine-tuned: eval loss %.4f, perplexity %.2f", result["eval_loss"], result["perplexity"])
     return {"model": str(merged_model.path), "registered_model": merged_model.registration, **result}, predictions
@@ -145,7 +151,9 @@ def evaluate_base(
     if not config.compare_base:
         return {}, pd.DataFrame(columns=PREDICTION_COLUMNS)
     validation = _validation(sft_dataset)
-    result, predictions = evaluate(_load(merged_model.base_model), merged_model.load_tokenizer(), validation, config)
+    model, tokenizer = _load(merged_model.base_model), merged_model.load_tokenizer()
+    result, predictions = evaluate(model, tokenizer, validation, config, label="(base)")
+    del model
     gc.collect()
     logger.info("Base: eval loss %.4f, perplexity %.2f", result["eval_loss"], result["perplexity"])
     return {"model": merged_model.base_model, **result}, predictions
