@@ -247,11 +247,35 @@ def test_a_stale_stage_output_is_refused_until_saved_again(tmp_path):
     output = StageOutput(Dataset.from_dict({"x": [1, 2]}), "fp1")
     target.save(output)
     assert target.mark_stale("the last run stopped in validate") is True
+    assert target.mark_stale("a later failure") is False and not target.exists()  # first reason kept; missing
     with pytest.raises(DataSourceError, match=r"stage is an earlier run's output, not current: the last run stopped"):
         target.load()
     assert StageDataset(path=str(tmp_path / "stage"), previous=True).load() is None  # never reused
     target.save(StageOutput(Dataset.from_dict({"x": [1, 2]}), "fp1"))  # remade by the next run
     assert target.load()["x"] == [1, 2] and not (tmp_path / "stage" / "stale.json").exists()
+
+
+def test_a_failed_run_marks_the_stage_outputs_it_did_not_save(tmp_path):
+    """Whatever broke the run (a node, a load, a save), the outputs it saved stay current, the others are stale."""
+    from datasets import Dataset
+    from kedro.io import DataCatalog
+    from kedro.pipeline import Node, Pipeline
+
+    from qwen_pipeline.datasets import StageOutput
+    from qwen_pipeline.stale import StaleOutputsHook
+
+    catalog = DataCatalog({name: StageDataset(path=str(tmp_path / name)) for name in ("a", "b", "c")})
+    for name in ("a", "b", "c"):
+        catalog.save(name, StageOutput(Dataset.from_dict({"x": [1]}), name))
+    pipeline = Pipeline([Node(len, "raw", "a", name="first"), Node(len, "a", ["b", "c"], name="second")])
+    hook = StaleOutputsHook()
+    hook.before_pipeline_run({}, pipeline, catalog)
+    hook.after_dataset_saved("a", None, pipeline.nodes[0])
+    hook.after_dataset_saved("b", None, pipeline.nodes[1])  # then saving "c" broke off
+    hook.on_pipeline_error(OSError("No space left on device. Really."), {}, pipeline, catalog)
+    assert [(tmp_path / name / "stale.json").is_file() for name in ("a", "b", "c")] == [False, False, True]
+    stale = json.loads((tmp_path / "c" / "stale.json").read_text())
+    assert stale == {"reason": "the last run stopped before remaking it (No space left on device)"}
 
 
 def test_interleaved_mix_is_what_datasets_interleaves(tmp_path):

@@ -80,5 +80,5 @@ class LoggerLevelsHook:
         from kedro.framework.project import LOGGING
 
         for name, config in (LOGGING.data.get("loggers") or {}).items():
-            if "level" in config:
+            if "level" in (config or {}):
                 logging.getLogger(name).setLevel(config["level"])

@@ -54,17 +54,26 @@ LOCATION_COLUMNS = (
 class PortableArtifactsHook:
     """After kedro-mlflow has opened the store (and created the experiment), rewrites the artifact locations a
     local SQLite store holds under the project folder as paths relative to it, before this run creates its own:
-    MLflow then reads and writes them relative to the working directory, which ``kedro run`` sets to the
-    project, so a project moved or copied elsewhere keeps its runs' artifacts and registered models."""
+    MLflow then reads and writes them relative to the working directory (the project folder, where
+    ``kedro run`` is started), so a project moved or copied elsewhere keeps its runs' artifacts and registered
+    models. Started from another folder, the run leaves the store as it is and says so."""
 
     @hook_impl(trylast=True)  # after kedro-mlflow's after_context_created
     def after_context_created(self, context) -> None:
         config = getattr(context, "mlflow", None)
-        database = sqlite_database(config.server.mlflow_tracking_uri if config else None, Path(context.project_path))
-        if database is not None and database.is_file():
-            changed = relative_artifact_locations(database, Path(context.project_path))
-            if changed:
-                logger.info("MLflow store %s: %d artifact locations made relative to the project", database, changed)
+        project = Path(context.project_path)
+        database = sqlite_database(config.server.mlflow_tracking_uri if config else None, project)
+        if database is None or not database.is_file():
+            return
+        if Path.cwd().resolve() != project.resolve():
+            logger.warning(
+                "Running from %s, not the project folder %s: MLflow reads the store's artifact locations "
+                "relative to the working directory; run kedro from the project folder", Path.cwd(), project,
+            )  # fmt: skip
+            return
+        changed = relative_artifact_locations(database, project)
+        if changed:
+            logger.info("MLflow store %s: %d artifact locations made relative to the project", database, changed)
 
 
 def sqlite_database(uri: str | None, project: Path) -> Path | None:
@@ -150,13 +159,12 @@ def log_model_directory(
         artifact = path
         if heavy:  # everything but the weights goes through MLflow; the weights are linked in afterwards
             artifact = Path(light) / path.name
-            shutil.copytree(path, artifact, ignore=lambda _, names: [n for n in names if path / n in heavy])
+            shutil.copytree(path, artifact, ignore=lambda at, names: [n for n in names if Path(at) / n in heavy])
         info = mlflow.pyfunc.log_model(
             name=name,
             python_model=str(SERVING_CODE),
             artifacts={"model": str(artifact)},
             pip_requirements=requirements,
-            registered_model_name=registered_model_name,
             model_config={"max_new_tokens": 256},  # load_model(..., model_config=...) overrides it
             metadata={"qwen_pipeline": json.loads(json.dumps(manifest, default=str))},
         )
@@ -167,7 +175,8 @@ def log_model_directory(
         linked = _link_into(heavy, store / saved["model"]["path"])
     files = [f for f in path.rglob("*") if f.is_file()]
     copied = sum(f.stat().st_size for f in files) - linked
-    version = str(info.registered_model_version)
+    # Registered only now, with every weight file in place: a failure above leaves no version without weights.
+    version = str(mlflow.register_model(info.model_uri, registered_model_name).version)
     client = MlflowClient()
     for key, value in tags.items():
         client.set_model_version_tag(registered_model_name, version, key, value)

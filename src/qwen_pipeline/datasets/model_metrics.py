@@ -38,6 +38,7 @@ class ModelMetricsDataset(AbstractDataset[dict[str, Any], dict[str, Any]]):
 
     def _save(self, data: dict[str, Any]) -> None:
         import mlflow
+        from mlflow.exceptions import MlflowException
 
         run = mlflow.active_run()
         if run is None:
@@ -55,9 +56,13 @@ class ModelMetricsDataset(AbstractDataset[dict[str, Any], dict[str, Any]]):
         name, version = model["registered_model_name"], str(model["version"])
         mlflow.set_tags({"model_name": name, "model_version": version, "model_uri": f"models:/{name}/{version}"})
         client = mlflow.MlflowClient()
-        client.set_model_version_tag(name, version, f"{self._prefix}_run_id", run.info.run_id)
-        for key, value in metrics.items():
-            client.set_model_version_tag(name, version, key, f"{value:.6g}")
+        try:
+            client.set_model_version_tag(name, version, f"{self._prefix}_run_id", run.info.run_id)
+            for key, value in metrics.items():
+                client.set_model_version_tag(name, version, key, f"{value:.6g}")
+        except MlflowException as error:  # the version was deleted since
+            logger.warning("%s version %s not tagged with the %s metrics: %s", name, version, self._prefix, error)
+            return
         logger.info("%s metrics attached to %s version %s", self._prefix, name, version)
 
 

@@ -69,11 +69,14 @@ class StageDataset(AbstractDataset[StageOutput, "Dataset | DatasetDict | StageOu
     def _describe(self) -> dict[str, Any]:
         return {"path": str(self._path), "previous": self._previous}
 
-    def _exists(self) -> bool:
+    def _exists(self) -> bool:  # a stale output is missing: --only-missing-outputs remakes it
+        return self._complete() and not (self._path / STALE).is_file()
+
+    def _complete(self) -> bool:
         return (self._path / LAYOUT).is_file()
 
     def _load(self) -> Dataset | DatasetDict | StageOutput | None:
-        if not self._exists():
+        if not self._complete():
             if self._previous:
                 return None
             raise DataSourceError(f"{self._path}: no complete stage output here (no {LAYOUT}); run the stage first")
@@ -121,14 +124,15 @@ class StageDataset(AbstractDataset[StageOutput, "Dataset | DatasetDict | StageOu
 
     def mark_stale(self, reason: str) -> bool:
         """Mark what is stored here as an earlier run's output (``reason``: why this run did not remake it).
-        Returns whether there was anything to mark."""
+        Returns whether it was marked now (not when there is nothing here, or it was marked before: the first
+        reason stays)."""
         if self._previous or not self._exists():
             return False
         (self._path / STALE).write_text(json.dumps({"reason": reason}, ensure_ascii=False) + "\n")
         return True
 
     def _is_stored(self, data: StageOutput) -> bool:
-        if not self._exists():
+        if not self._complete():
             return False
         if json.loads((self._path / LAYOUT).read_text())["fingerprint"] != data.fingerprint:
             return False
