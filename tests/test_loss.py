@@ -163,3 +163,16 @@ def test_zero3_gives_the_losses_of_one_process(finetuning, port, tokenizer, tmp_
     )
     expected = [h["loss"] for h in one.history]
     assert len(expected) == 3 and [h["loss"] for h in two.history] == pytest.approx(expected, rel=1e-3)
+
+
+def test_tokens_seen_are_counted_on_the_device_without_padding():
+    """The live tokens/s count: non-padding tokens, added up with no read-back per step."""
+    from types import SimpleNamespace
+
+    counter = SimpleNamespace(tokens_seen=0)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1] * 5])
+    padded = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": mask}
+    SFTTrainer._track_num_input_tokens(counter, padded)
+    assert isinstance(counter.tokens_seen, torch.Tensor)  # still a tensor: nothing read back
+    SFTTrainer._track_num_input_tokens(counter, {"input_ids": torch.ones(1, 7, dtype=torch.long)})  # a flat batch
+    assert int(counter.tokens_seen) == 15

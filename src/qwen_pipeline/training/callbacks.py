@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 
 from transformers import ProgressCallback, TrainerCallback
 
@@ -51,6 +52,8 @@ class LiveMetrics(TrainerCallback):
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.logged: set[int] = set()
         self.last: tuple[float, int] | None = None  # (time, tokens seen) at the last logging step
+        # Non-padding tokens trained on so far, all processes (set by the recipe: the trainer counts them).
+        self.tokens_seen: Callable[[], int] = lambda: 0
 
     @classmethod
     def for_this_process(cls) -> LiveMetrics | None:
@@ -67,13 +70,13 @@ class LiveMetrics(TrainerCallback):
         self.logged = {m.step for m in self.client.get_metric_history(self.run_id, METRICS["loss"])}
         # A resumed run: the steps before its checkpoint, from the history the checkpoint holds.
         self._log([entry for entry in state.log_history if "loss" in entry])
-        self.last = (time.perf_counter(), state.num_input_tokens_seen)
+        self.last = (time.perf_counter(), self.tokens_seen())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
             return
         entry = {**logs, "step": state.global_step}
-        now, tokens = time.perf_counter(), state.num_input_tokens_seen
+        now, tokens = time.perf_counter(), self.tokens_seen()
         if self.last is not None and tokens and now > self.last[0]:
             entry["tokens_per_s"] = (tokens - self.last[1]) / (now - self.last[0])
         self.last = (now, tokens)

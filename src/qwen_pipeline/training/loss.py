@@ -93,6 +93,14 @@ class SFTTrainer(Trainer):
         if self.args.n_gpu > 1:  # DataParallel replicas would race for the one captured hidden state
             raise ValueError(f"one process sees {self.args.n_gpu} GPUs: run one per GPU (train.nproc_per_node)")
         self._captured: dict[str, Any] = {}
+        self.tokens_seen: torch.Tensor | int = 0  # this process's non-padding tokens, on its device
+
+    def _track_num_input_tokens(self, inputs) -> None:
+        """Counts this process's non-padding tokens where they are (a flat batch has no padding), without
+        reading the count back: the Trainer's own count (``include_num_input_tokens_seen``) waits for the
+        device and gathers across processes at every step. Read at logging steps only (``LiveMetrics``)."""
+        mask = inputs.get("attention_mask")
+        self.tokens_seen = self.tokens_seen + (mask.sum() if mask is not None else inputs["input_ids"].numel())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Through the wrapped model (DDP and DeepSpeed act in its forward, PEFT in its modules), keeping

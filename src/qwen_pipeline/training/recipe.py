@@ -194,7 +194,6 @@ def run_sft(
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
         logging_steps=config.logging_steps,
-        include_num_input_tokens_seen="non_padding",  # tokens/s in the live metrics
         seed=config.seed,
         bf16=config.bf16,
         fp16=config.fp16,
@@ -237,6 +236,7 @@ def run_sft(
     if trainer.pop_callback(ProgressCallback) is not None:  # the bar, without a printed dict per step
         trainer.add_callback(QuietProgress())
     if (live := LiveMetrics.for_this_process()) is not None:  # per-step metrics into MLflow as they come
+        live.tokens_seen = lambda: int(trainer.tokens_seen) * trainer.args.world_size  # rank 0's, for all
         trainer.add_callback(live)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
