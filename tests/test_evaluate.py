@@ -11,7 +11,7 @@ from datasets import DatasetDict
 from helpers import demo_examples
 
 from qwen_pipeline.config import EvaluateConfig
-from qwen_pipeline.datasets import ModelBundle, ModelDataset
+from qwen_pipeline.datasets import ModelBundle, ModelDataset, ModelFiles
 from qwen_pipeline.errors import DataError
 from qwen_pipeline.models import EMBEDDED_MODEL, load_causal_lm
 from qwen_pipeline.pipelines.evaluate.nodes import (
@@ -75,7 +75,9 @@ def test_batched_left_padded_generation_equals_one_by_one(validation, tokenizer)
 def test_evaluate_nodes_and_the_comparison(merged, validation, tokenizer):
     data = DatasetDict({"train": validation, "validation": validation})
     params = {"batch_size": 4, "max_samples": 3, "max_new_tokens": 5}
-    tuned, predictions = evaluate_finetuned(merged, data, params)
+    version = {"registered_model_name": "qwen_pipeline_merged", "version": "3", "model_id": "m-1"}
+    registered = ModelFiles(path=merged.path, manifest={**merged.manifest, "mlflow_model": version})
+    tuned, predictions = evaluate_finetuned(registered, data, params)
     base, base_predictions = evaluate_base(merged, data, params)
     assert list(predictions.columns) == ["prompt", "predict", "label"] and len(predictions) == 3
     assert list(predictions["prompt"]) == list(base_predictions["prompt"])
@@ -91,7 +93,8 @@ def test_evaluate_nodes_and_the_comparison(merged, validation, tokenizer):
     loss = table.set_index("metric").loc["eval_loss"]
     assert loss["change"] == pytest.approx(tuned["eval_loss"] - base["eval_loss"])
     assert loss["better"] == ("finetuned" if tuned["eval_loss"] < base["eval_loss"] else "base")
-    assert metrics["model"] == tuned["registered_model"] == merged.registration  # the version evaluated
+    assert metrics["model"] == tuned["registered_model"] == version  # the model version evaluated
+    assert merged.registration is None  # a model not registered: no version to attach the metrics to
     assert metrics["metrics"]["finetuned.eval_loss"] == tuned["eval_loss"]
     assert set(metrics["metrics"]) == {f"{m}.{k}" for m in ("base", "finetuned") for k in table["metric"]}
     assert report["comparison"][0]["metric"] == "eval_loss"

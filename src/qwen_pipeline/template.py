@@ -43,7 +43,11 @@ TOOLS_PROMPT = (
 )
 
 
-def tools_text(tools: str, own=lambda text: text) -> str:
+def _identity(text: str) -> str:
+    return text
+
+
+def tools_text(tools: str, own=_identity) -> str:
     """The tool prompt for a JSON list of tool specs ('' for none); plain specs are wrapped as functions.
     ``own`` wraps the data's own text (each spec)."""
     specs = json.loads(tools)
@@ -57,7 +61,7 @@ def tools_text(tools: str, own=lambda text: text) -> str:
     return TOOLS_PROMPT.replace("{tools}", lines)
 
 
-def function_call_text(content: str, own=lambda text: text) -> str:
+def function_call_text(content: str, own=_identity) -> str:
     """A function turn's JSON ({"name", "arguments"} or a list of them) as <tool_call> blocks.
     ``own`` wraps the data's own text (each call)."""
     calls = json.loads(content)
@@ -105,10 +109,6 @@ def _fill(piece: str, content: str) -> str:
 # Around the data's own text when it is to be escaped (``turn_pieces(mark=True)``): lone surrogates,
 # which no record holds (ingest rejects them; Arrow cannot store them).
 OPEN, CLOSE = "\ud800", "\ud801"
-
-
-def _identity(text: str) -> str:
-    return text
 
 
 def _marked(text: str) -> str:
@@ -302,13 +302,11 @@ def plain_text_tokenizer(tokenizer):
     """The tokenizer's Rust core with no added tokens: text becomes ordinary tokens only, even the
     characters of ``<|im_end|>`` or ``<tool_call>`` (which ``split_special_tokens`` would still
     match, being added but not special)."""
-    import json as _json
-
     from tokenizers import Tokenizer
 
-    spec = _json.loads(tokenizer.backend_tokenizer.to_str())
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
     spec["added_tokens"] = []
-    return Tokenizer.from_str(_json.dumps(spec))
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def tokenize_escaped(

@@ -94,10 +94,7 @@ class ChunkTokenizer:
         flagged = {n: found for n, c in enumerate(parsed) if (found := control_tokens_in(c, self._control))}
         result.control_tokens = len(flagged)
         for n, found in list(flagged.items())[:CONTROL_TOKEN_EXAMPLES]:
-            source = parsed[n].source
-            result.control_token_examples.append(
-                {"dataset": source.dataset, "file": source.file, "index": source.index, "found": found}
-            )
+            result.control_token_examples.append({**_located(parsed[n]), "found": found})
         if self.control_tokens == "reject" and flagged:
             for n, found in flagged.items():
                 result.dropped.append(_dropped(parsed[n], "control-token text in " + "; ".join(found)))
@@ -137,9 +134,13 @@ class ChunkTokenizer:
         return table, result
 
 
-def _dropped(conversation: Conversation, reason: str) -> dict[str, Any]:
+def _located(conversation: Conversation) -> dict[str, Any]:
     source = conversation.source
-    return {"dataset": source.dataset, "file": source.file, "index": source.index, "reason": reason}
+    return {"dataset": source.dataset, "file": source.file, "index": source.index}
+
+
+def _dropped(conversation: Conversation, reason: str) -> dict[str, Any]:
+    return {**_located(conversation), "reason": reason}
 
 
 def to_arrow(encoded) -> pa.Table:

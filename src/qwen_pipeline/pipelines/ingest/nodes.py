@@ -138,7 +138,7 @@ def _check_mapped_columns(where: str, formatting: str, mapped: dict, found: Conv
     files = ", ".join(file for _, file in table.files)
     has = ", ".join(sorted(found.keys)) or "no fields"
     defaults = {key: DEFAULT_COLUMNS[key] for key in REQUIRED_COLUMNS[formatting]}
-    for key, column in ({**defaults, **mapped} if not mapped else mapped).items():
+    for key, column in (mapped or defaults).items():
         if not column or found.keys[column] or key not in FORMATTING_COLUMNS[formatting]:
             continue
         message = f"{where}: 'columns' maps {key} to {column!r}, but no record of {files} has it (records have: {has})"
