@@ -1,7 +1,7 @@
 """Packing speed, bin fill and memory: our best-fit decreasing `pack()` vs the first-fit decreasing it replaced.
 
-N synthetic tokenized examples (default 1,000,000; lengths log-normal, mean ~270 tokens, 8..4096, cut to
-pack_length 2048 as `pack()` does; random int32 ids and labels, as the format stage writes them) are saved
+N synthetic tokenized examples (default 1,000,000; lengths log-normal, mean ~270 tokens, clipped to
+8..pack_length 2048, as format's cutoff leaves them (`pack()` refuses longer ones); random int32 ids and labels, as the format stage writes them) are saved
 once as an Arrow file under --work, so the run reads them memory-mapped as the train stage reads
 `sft_dataset`. Each measurement runs in a fresh process: load, pack, report seconds, examples/s, bin fill,
 peak RSS (VmHWM: counts the memory-mapped input pages it touched) and peak anonymous RSS (sampled every
@@ -66,7 +66,7 @@ def make_data(path: Path, n: int, seed: int = 0) -> None:
     if path.is_file():
         return
     rng = np.random.default_rng(seed)
-    lengths = np.clip(rng.lognormal(np.log(270) - 0.32, 0.8, n), 8, 4096).astype(np.int64)
+    lengths = np.clip(rng.lognormal(np.log(270) - 0.32, 0.8, n), 8, PACK_LENGTH).astype(np.int64)
     schema = pa.schema({"input_ids": pa.list_(pa.int32()), "labels": pa.list_(pa.int32())})
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")

@@ -87,7 +87,26 @@ def demo_sft_dataset(tokenizer, max_samples: int, cutoff_len: int = 128) -> Data
     return DatasetDict({"train": demo_examples(tokenizer, max_samples=max_samples, cutoff_len=cutoff_len)})
 
 
+def stage_output(data: DatasetDict, fingerprint: str = "test", **format_params):
+    """``data`` as the catalog's ``sft_dataset`` gives it to train: a StageOutput with the settings the format
+    stage records (params:format's defaults, overridden by ``format_params``, e.g. cutoff_len=128)."""
+    from qwen_pipeline.config import FormatConfig
+    from qwen_pipeline.datasets import StageOutput
+    from qwen_pipeline.pipelines.format.nodes import data_settings
+
+    return StageOutput(data, fingerprint, settings=data_settings(FormatConfig(**format_params)))
+
+
 def max_relative_logit_diff(reference, got) -> float:
     """max |reference - got| as a share of the largest |reference| logit: float32 rounding grows with
     the logits, so a bound on this (not on the absolute difference) holds on any thread count."""
     return float((reference - got).abs().max() / reference.abs().max())
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a test's own process group."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

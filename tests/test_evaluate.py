@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 import torch
-from datasets import DatasetDict
+from datasets import Dataset, DatasetDict
 from helpers import demo_examples
 
 from qwen_pipeline.config import EvaluateConfig
@@ -60,6 +60,49 @@ def test_eval_loss_is_token_weighted_and_batch_size_free(validation):
     mask = target != IGNORE_INDEX
     expected = torch.nn.functional.cross_entropy(logits[mask], target[mask])
     assert eval_loss(model, validation.select([0]), 1)[0] == pytest.approx(float(expected), rel=1e-5)
+
+
+def full_logits_eval_loss(model, examples, batch_size: int) -> tuple[float, int]:
+    """The eval_loss this replaced: logits at every position, upcast, cross-entropy over the labelled ones."""
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        width = max(len(r) for r in batch["input_ids"])
+        input_ids, attention, labels = (
+            torch.tensor([r + [pad] * (width - len(r)) for r in batch[name]])
+            for name, pad in (("input_ids", 0), ("attention_mask", 0), ("labels", IGNORE_INDEX))
+        )
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
+        target = labels[:, 1:]
+        total += float(
+            torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+        )
+        count += int((target != IGNORE_INDEX).sum())
+    return total / count, count
+
+
+def test_eval_loss_equals_the_full_logits_loss_with_the_head_in_chunks(embedded_dir):
+    """Three random sequences of 300, 250 and 200 tokens, labelled after their first 20: 690 labelled
+    positions in a batch of 3, so the head runs on 512 of them, then 178, never on batch x length rows."""
+    model = load_causal_lm(EMBEDDED_MODEL).eval()
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for n in (300, 250, 200):
+        ids = torch.randint(0, 151_643, (n,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "attention_mask": [1] * n, "labels": [IGNORE_INDEX] * 20 + ids[20:]})
+    examples = Dataset.from_list(rows)
+    expected, expected_tokens = full_logits_eval_loss(model, examples, 3)
+    shapes = []
+    model.lm_head.register_forward_hook(lambda module, args, output: shapes.append(tuple(output.shape)))
+    loss, tokens = eval_loss(model, examples, batch_size=3)
+    assert tokens == expected_tokens == 280 + 230 + 180
+    assert loss == pytest.approx(expected, rel=1e-5)
+    assert shapes == [(512, 151_936), (178, 151_936)]
+    loss, tokens = eval_loss(model, examples, batch_size=2)  # padded batches
+    assert tokens == 690 and loss == pytest.approx(expected, rel=1e-5)
 
 
 def test_batched_left_padded_generation_equals_one_by_one(validation, tokenizer):

@@ -248,10 +248,20 @@ class TrainConfig:
     save_total_limit: int | None = 2  # keep at most this many checkpoints
     overwrite_output_dir: bool = False  # start over instead of resuming from the last complete checkpoint
     output_dir: str = "data/06_models/checkpoints"  # checkpoints, one folder per run configuration
+    loss_chunk_rows: int = 512  # labelled positions per output-head chunk: at most this x vocab float32 logits at once
+    # Before any weights load: the per-device memory plan against the devices' free memory (RAM on CPU).
+    # error: a run that cannot fit stops, naming what would; warn: logs that and goes on; off: no check.
+    memory_check: Literal["error", "warn", "off"] = "error"
 
     def problems(self) -> list[str]:
         found = []
-        for key in ("lora_rank", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
+        for key in (
+            "lora_rank",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "loss_chunk_rows",
+        ):
             if getattr(self, key) < 1:
                 found.append(f"{key}: must be positive, got {getattr(self, key)}")
         if self.learning_rate <= 0:
@@ -268,6 +278,8 @@ class TrainConfig:
             )
         if self.bf16 and self.fp16:
             found.append("fp16: choose bf16 or fp16, not both")
+        if self.flash_attn == "fa2" and not (self.bf16 or self.fp16):
+            found.append("flash_attn: fa2 runs in 16-bit only; set bf16 (or fp16) with it, or use sdpa")
         if self.neat_packing and self.padding_free:
             found.append("padding_free: choose neat_packing or padding_free, not both")
         if self.packing and self.padding_free:
@@ -350,9 +362,10 @@ BLOCKS: dict[str, type] = {
 }
 
 
-def pack_length(train: TrainConfig, format: FormatConfig) -> int:
-    """Tokens per packed sequence: ``train.pack_length``, or ``format.cutoff_len`` when not set."""
-    return train.pack_length or format.cutoff_len
+def pack_length(train: TrainConfig, cutoff_len: int) -> int:
+    """Tokens per packed sequence: ``train.pack_length``, or when not set the ``cutoff_len`` the data was
+    made with (the train node reads it from the tokenized dataset, not from params:format)."""
+    return train.pack_length or cutoff_len
 
 
 def run_problems(parameters: Mapping[str, Any], blocks: set[str], stages: set[str]) -> tuple[list[str], list[str]]:
@@ -365,7 +378,10 @@ def run_problems(parameters: Mapping[str, Any], blocks: set[str], stages: set[st
         except ConfigError as exc:
             found += exc.problems
     fmt, train, ingest = parsed.get("format"), parsed.get("train"), parsed.get("ingest")
-    if fmt and train and (train.packing or train.neat_packing) and train.pack_length is not None:
+    packs = train and (train.packing or train.neat_packing) and train.pack_length is not None
+    # Only when this run formats the data: otherwise train checks pack_length against the data it reads,
+    # whose cutoff_len may not be params:format's.
+    if fmt and packs and "format" in stages:
         if train.pack_length < fmt.cutoff_len:
             found.append(
                 f"train.pack_length={train.pack_length} is below format.cutoff_len={fmt.cutoff_len}: with packing "

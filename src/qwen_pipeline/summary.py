@@ -88,6 +88,12 @@ def summary_lines(outputs: set[str], catalog, seconds: float) -> list[str]:
             f"training: {summary['global_steps']} steps, loss {summary['first_loss']:.4f} -> "
             f"{summary['last_loss']:.4f}{evaluation} -> {_path(catalog, 'trained_model')}"
         )
+        if "plan.total_gb" in summary:
+            peak = summary.get("peak_gpu_memory_gb", summary.get("peak_rss_gb"))
+            lines.append(
+                f"memory: planned {summary['plan.total_gb']:.2f} GiB per device of {summary['plan.available_gb']:.2f} "
+                f"free" + (f", peak seen {peak:.2f} GiB" if peak is not None else "")
+            )
     if "merge_report" in outputs:
         stages.append("merge")
         check = catalog.load("merge_report")["check"]

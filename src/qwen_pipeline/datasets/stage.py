@@ -7,7 +7,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +29,22 @@ STALE = "stale.json"  # written when a run stopped upstream: the output is an ea
 
 @dataclass(frozen=True)
 class StageOutput:
-    """A stage's main output, with the fingerprint of everything it was made from and the stage's
-    other (small) outputs, so a rerun with unchanged inputs can hand them all back without work."""
+    """A stage's main output, with the fingerprint of everything it was made from, the stage's
+    other (small) outputs, so a rerun with unchanged inputs can hand them all back without work, and
+    the settings the data was made with (e.g. format's cutoff_len), which later stages read from here
+    rather than from this run's parameters."""
 
     data: Dataset | DatasetDict
     fingerprint: str
     outputs: tuple[Any, ...] = ()
+    settings: dict[str, Any] = field(default_factory=dict)  # JSON values
 
 
 class StageDataset(AbstractDataset[StageOutput, "Dataset | DatasetDict | StageOutput | None"]):
     """A ``datasets.Dataset`` or ``DatasetDict`` stored as Arrow files, with its stage's fingerprint.
 
-    Example catalog entries (the second is the same folder, read as "what the last run left")::
+    Example catalog entries (the second is the same folder, read as "what the last run left"; the third
+    as the data with the settings it was made with)::
 
         conversations:
           type: qwen_pipeline.datasets.StageDataset
@@ -51,23 +55,37 @@ class StageDataset(AbstractDataset[StageOutput, "Dataset | DatasetDict | StageOu
           path: data/02_intermediate/conversations
           previous: true
 
-    ``load`` gives the data memory-mapped (nothing is read until used); with ``previous: true`` it
-    gives the last saved ``StageOutput`` (or None), which a node returns as it is when its inputs'
+        sft_dataset:
+          type: qwen_pipeline.datasets.StageDataset
+          path: data/03_primary/sft_dataset
+          stage_output: true
+
+    ``load`` gives the data memory-mapped (nothing is read until used); with ``stage_output: true`` it
+    gives the whole ``StageOutput`` (data, fingerprint, side outputs, settings); with ``previous: true``
+    it gives the last saved ``StageOutput`` (or None), which a node returns as it is when its inputs'
     fingerprint matches. Saving moves the stage's staged Arrow files into place (a rename) and keeps
     a split's row order as an indices file rather than rewriting its rows; saving what is already
-    stored, with the same fingerprint, does nothing. The folder is written beside and renamed into
+    stored, with the same fingerprint and settings, does nothing. The folder is written beside and renamed into
     place, so an interrupted save never leaves one that looks complete. When a run stops before it
     remakes this output (``StaleOutputsHook``), the folder is marked stale: loading it is an error saying
     why, the ``previous`` view gives None, and the next save clears the mark.
     """
 
-    def __init__(self, *, path: str, previous: bool = False, metadata: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        *,
+        path: str,
+        previous: bool = False,
+        stage_output: bool = False,
+        metadata: dict[str, Any] | None = None,
+    ):
         self._path = Path(path)
         self._previous = previous
+        self._stage_output = stage_output
         self.metadata = metadata
 
     def _describe(self) -> dict[str, Any]:
-        return {"path": str(self._path), "previous": self._previous}
+        return {"path": str(self._path), "previous": self._previous, "stage_output": self._stage_output}
 
     def _exists(self) -> bool:  # a stale output is missing: --only-missing-outputs remakes it
         return self._complete() and not (self._path / STALE).is_file()
@@ -88,10 +106,12 @@ class StageDataset(AbstractDataset[StageOutput, "Dataset | DatasetDict | StageOu
         layout = json.loads((self._path / LAYOUT).read_text())
         parts = {name: self._open(part, layout["fingerprint"]) for name, part in layout["parts"].items()}
         data = parts[""] if list(parts) == [""] else DatasetDict(parts)
-        if not self._previous:
+        if not (self._previous or self._stage_output):
             return data
         outputs = json.loads((self._path / OUTPUTS).read_text())
-        return StageOutput(data=data, fingerprint=layout["fingerprint"], outputs=tuple(outputs))
+        # no "settings": written by a version that did not record them (read as none recorded)
+        settings = layout.get("settings", {})
+        return StageOutput(data=data, fingerprint=layout["fingerprint"], outputs=tuple(outputs), settings=settings)
 
     def _open(self, part: dict[str, Any], fingerprint: str) -> Dataset:
         files = [str(self._path / name) for name in part["files"]]
@@ -117,7 +137,8 @@ class StageDataset(AbstractDataset[StageOutput, "Dataset | DatasetDict | StageOu
             names: dict[str, str] = {}  # source file -> its name here (splits may share files)
             layout = {name: self._store(split, name, tmp, names) for name, split in parts.items()}
             (tmp / OUTPUTS).write_text(json.dumps(list(data.outputs), ensure_ascii=False, default=str))
-            (tmp / LAYOUT).write_text(json.dumps({"fingerprint": data.fingerprint, "parts": layout}, indent=1))
+            stored = {"fingerprint": data.fingerprint, "settings": data.settings, "parts": layout}
+            (tmp / LAYOUT).write_text(json.dumps(stored, indent=1, ensure_ascii=False))
             swap_into_place(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -134,7 +155,8 @@ class StageDataset(AbstractDataset[StageOutput, "Dataset | DatasetDict | StageOu
     def _is_stored(self, data: StageOutput) -> bool:
         if not self._complete():
             return False
-        if json.loads((self._path / LAYOUT).read_text())["fingerprint"] != data.fingerprint:
+        layout = json.loads((self._path / LAYOUT).read_text())
+        if layout["fingerprint"] != data.fingerprint or layout.get("settings", {}) != data.settings:
             return False
         parts = data.data.values() if isinstance(data.data, DatasetDict) else [data.data]
         here = self._path.resolve()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ import torch
 from ..config import TrainConfig
 
 
-def environment_problems(config: TrainConfig, *, cuda: bool | None = None) -> list[str]:
+def environment_problems(config: TrainConfig, *, cuda: bool | None = None, environ=os.environ) -> list[str]:
     """Every reason this config cannot train here, each naming its key (empty when it can)."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     found = []
@@ -42,4 +43,10 @@ def environment_problems(config: TrainConfig, *, cuda: bool | None = None) -> li
                 )
         if importlib.util.find_spec("deepspeed") is None:
             found.append("train.deepspeed: needs the deepspeed package")
+    nnodes = int(environ.get("NNODES", config.nnodes))
+    if nnodes > 1 and not environ.get("MASTER_ADDR"):
+        found.append(
+            f"train.nnodes={nnodes}: set MASTER_ADDR to an address of node 0 that every node can reach "
+            "(without it each node would look for rank 0 at 127.0.0.1, itself)"
+        )
     return found

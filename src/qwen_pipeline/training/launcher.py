@@ -84,6 +84,9 @@ class Topology:
 def train(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig) -> TrainedModel:
     """Train in this process or under torchrun; the model comes back as a saved folder, never loaded here."""
     topology = Topology.from_config(config)
+    # Absolute: a worker started from another folder (another node's working directory) checkpoints and
+    # resumes in the same place rank 0 does.
+    config = dataclasses.replace(config, output_dir=str(Path(config.output_dir).resolve()))
     root = work_root(config).resolve()  # absolute: the command logged for other nodes names it
     root.mkdir(parents=True, exist_ok=True)
     model_dir = Path(tempfile.mkdtemp(prefix=".qwen-trained-", dir=root))
@@ -91,6 +94,8 @@ def train(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig) 
         if topology.world_size == 1:  # already in memory here: the one process saves it like rank 0 would
             result = train_and_save(dataset, model_config, config, model_dir)
             history, summary = result.history, result.summary
+            del result
+            release_memory()  # merge or evaluate may load models next, in this same process
         else:
             history, summary = _run_workers(topology, dataset, model_config, config, model_dir)
     except BaseException:
@@ -98,6 +103,18 @@ def train(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig) 
         raise
     kind = "adapter" if (model_dir / "adapter_config.json").is_file() else "causal_lm"
     return TrainedModel(path=model_dir, kind=kind, history=history, summary=summary)
+
+
+def release_memory() -> None:
+    """Give back what the trained model held: the Trainer's reference cycles keep it alive until collected,
+    and PyTorch's caching allocator keeps freed GPU blocks for itself until emptied."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def work_root(config: TrainConfig) -> Path:

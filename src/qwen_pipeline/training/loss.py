@@ -19,7 +19,9 @@ from .packing import IGNORE_INDEX
 HEAD_CHUNK_ROWS = 512  # positions per output-head chunk: 311 MB of float32 logits at 151,936 tokens
 
 
-def token_mean_loss(head, hidden, labels, num_items_in_batch=None, *, chunk_rows: int = HEAD_CHUNK_ROWS):
+def token_mean_loss(
+    head, hidden, labels, num_items_in_batch=None, *, chunk_rows: int = HEAD_CHUNK_ROWS, min_chunks: Any = None
+):
     """Next-token loss summed over labelled positions, divided by the labelled tokens of the whole
     global batch (all processes, all accumulation steps) when the Trainer provides that count, so
     N processes x batch b train exactly like 1 process x batch N*b.
@@ -28,14 +30,20 @@ def token_mean_loss(head, hidden, labels, num_items_in_batch=None, *, chunk_rows
     runs only where the next token is learned, ``chunk_rows`` positions at a time, and neither the forward
     nor the backward holds more than one chunk's logits (the full float32 logits of a 4 x 512 batch are
     1.2 GB, mostly prompt or padding).
+
+    ``min_chunks(n)``, when given, returns how many chunks to run when this process has ``n``: under ZeRO-3
+    every rank must call the head equally often (``chunks_of_all_ranks``), and the extra chunks are empty.
     """
     shifted = labels[:, 1:].to(hidden.device)
     learned = shifted != IGNORE_INDEX
     states, targets = hidden[:, :-1][learned], shifted[learned]
+    chunks = max(-(-len(targets) // chunk_rows), 1)
+    if min_chunks is not None:
+        chunks = min_chunks(chunks)
     if any(p.requires_grad for p in head.parameters()):
-        total = _trained_head_loss(head, states, targets, chunk_rows)
+        total = _trained_head_loss(head, states, targets, chunk_rows, chunks)
     else:
-        total = _FrozenHeadLoss.apply(states, targets, head, chunk_rows)
+        total = _FrozenHeadLoss.apply(states, targets, head, chunk_rows, chunks)
     return total / (num_items_in_batch if num_items_in_batch is not None else len(targets))
 
 
@@ -43,14 +51,23 @@ def _chunk_loss(head, states, targets):
     return torch.nn.functional.cross_entropy(head(states).float(), targets, reduction="sum")
 
 
-def _trained_head_loss(head, states, targets, chunk_rows: int):
+def chunks_of_all_ranks(chunks: int) -> int:
+    """The most chunks any process has this micro-batch. ZeRO-3 records the order of module calls on the first
+    micro-batch and asserts at the next that every rank made as many: ranks holding different numbers of
+    labelled tokens would call the head a different number of times and hang."""
+    from .ranks import max_over_ranks
+
+    return max_over_ranks(chunks)
+
+
+def _trained_head_loss(head, states, targets, chunk_rows: int, chunks: int):
     """Each chunk checkpointed: its logits are recomputed in the backward, one chunk at a time. Non-reentrant,
     so the recomputation's weight gradients join the one backward pass and a parameter's gradient hooks
     (DDP, ZeRO) fire once, not once per chunk."""
     total = torch.zeros((), dtype=torch.float32, device=states.device)
     # At least one chunk, empty if nothing is learned: the head stays in the graph (DDP waits for its grads).
-    for start in range(0, max(len(targets), 1), chunk_rows):
-        rows = slice(start, start + chunk_rows)
+    for start in range(0, chunks * chunk_rows, chunk_rows):
+        rows = slice(start, start + chunk_rows)  # past the end: an empty chunk
         total = total + checkpoint(_chunk_loss, head, states[rows], targets[rows], use_reentrant=False)
     return total
 
@@ -63,10 +80,10 @@ class _FrozenHeadLoss(torch.autograd.Function):
     a checkpoint's recomputation would instead meet a frozen weight it has already partitioned again."""
 
     @staticmethod
-    def forward(ctx, states, targets, head, chunk_rows: int):
+    def forward(ctx, states, targets, head, chunk_rows: int, chunks: int):
         total = torch.zeros((), dtype=torch.float32, device=states.device)
         grads = torch.zeros_like(states) if ctx.needs_input_grad[0] else None
-        for start in range(0, len(targets), chunk_rows):
+        for start in range(0, chunks * chunk_rows, chunk_rows):
             rows = slice(start, start + chunk_rows)
             with torch.enable_grad():
                 chunk = states[rows].detach().requires_grad_(grads is not None)
@@ -80,7 +97,7 @@ class _FrozenHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         (grads,) = ctx.saved_tensors
-        return grads * grad_total, None, None, None
+        return grads * grad_total, None, None, None, None
 
 
 class SFTTrainer(Trainer):
@@ -88,8 +105,12 @@ class SFTTrainer(Trainer):
     itself, only where a label is learned. Token counts across processes and accumulation steps, and
     the loss scaling that goes with them, stay the Trainer's (it calls ``compute_loss_func``)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, chunk_rows: int = HEAD_CHUNK_ROWS, **kwargs):
         super().__init__(*args, compute_loss_func=self._head_loss, **kwargs)
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        self._chunk_rows = chunk_rows
+        self._equal_chunks = is_deepspeed_zero3_enabled() and self.args.world_size > 1
         if self.args.n_gpu > 1:  # DataParallel replicas would race for the one captured hidden state
             raise ValueError(f"one process sees {self.args.n_gpu} GPUs: run one per GPU (train.nproc_per_node)")
         self._captured: dict[str, Any] = {}
@@ -123,4 +144,11 @@ class SFTTrainer(Trainer):
     def _head_loss(self, outputs, labels, num_items_in_batch=None):
         # The head in the forward's precision: bf16/fp16 autocast when mixed precision is on.
         with self.accelerator.autocast():
-            return token_mean_loss(self._captured["head"], self._captured["hidden"], labels, num_items_in_batch)
+            return token_mean_loss(
+                self._captured["head"],
+                self._captured["hidden"],
+                labels,
+                num_items_in_batch,
+                chunk_rows=self._chunk_rows,
+                min_chunks=chunks_of_all_ranks if self._equal_chunks else None,
+            )

@@ -5,11 +5,12 @@
   (position ids run on), as LLaMA-Factory's ``packing``.
 - ``neat_packing``: the same bins, but position ids restart at each example, so attention restarts too
   (contamination-free).
-- ``padding_free``: no bins; each batch is laid out as one row with position ids restarting per example.
+- ``padding_free``: no bins; the examples of each batch are laid out by ``FlatCollator``.
 
-All three feed the model one flattened row per batch with ``position_ids`` and no attention mask, from
-which transformers builds the block-diagonal causal mask (sdpa, eager) or varlen calls (fa2). That needs
-the KV cache off during training.
+Attention restarts wherever the position ids restart (transformers' rule for packed sequences), so the
+bins carry their own boundaries. ``FlatCollator`` lays a batch out the way the attention kernel wants it:
+one row plus precomputed varlen boundaries for FlashAttention, or short padded rows for sdpa / eager, whose
+per-row block-diagonal masks transformers builds from the position ids. Both need the KV cache off.
 
 Packing reads token counts from the Arrow list offsets and copies tokens straight from the Arrow buffers
 (memory-mapped when the dataset is on disk) into a memory-mapped Arrow file, a batch of bins at a time:
@@ -108,13 +109,18 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray,
 
 
 def pack(dataset: Dataset, pack_length: int, neat: bool) -> tuple[Dataset, dict[str, float]]:
-    """Bins of at most ``pack_length`` tokens, best-fit decreasing over the whole dataset; an example
-    longer than ``pack_length`` keeps its first ``pack_length`` tokens.
+    """Bins of at most ``pack_length`` tokens, best-fit decreasing over the whole dataset. An example
+    longer than ``pack_length`` is an error, not cut: cutting drops its tail, often all its labels.
 
     The packed rows (input_ids, labels, position_ids) go to a memory-mapped Arrow file in a temporary
     folder (``TMPDIR``), removed when the returned dataset is garbage-collected or the process exits.
     """
-    lengths = np.minimum(row_lengths(dataset), pack_length)
+    lengths = row_lengths(dataset)
+    if len(lengths) and (longest := int(lengths.max())) > pack_length:
+        raise ValueError(
+            f"{int((lengths > pack_length).sum())} examples are longer than pack_length={pack_length} "
+            f"(the longest: {longest} tokens); packing does not cut them: raise pack_length"
+        )
     rows, bin_sizes = best_fit_decreasing(lengths, pack_length)
     first_row = np.concatenate([[0], np.cumsum(bin_sizes)])  # bin b holds rows[first_row[b]:first_row[b + 1]]
     ids, labels = _locate(dataset, "input_ids"), _locate(dataset, "labels")
@@ -180,22 +186,85 @@ def _packed_batch(schema, members, sizes, bin_sizes, ids, labels, neat: bool) ->
     )
 
 
-@dataclass
-class FlatCollator:
-    """A batch as one row: rows concatenated, position ids restarting per row (or as given), no padding."""
+PAD_ID = 0  # padding tokens form their own segment: never attended to by a real token, never learned
 
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        input_ids, labels, positions = [], [], []
+
+def segment_starts(positions: np.ndarray) -> np.ndarray:
+    """Where attention restarts: wherever a position id is not the previous one plus 1 (transformers'
+    ``find_packed_sequence_indices`` rule), and at the first token (its difference to itself is 0)."""
+    return np.flatnonzero(np.diff(positions, prepend=positions[:1]) != 1)
+
+
+@dataclass(frozen=True)
+class FlatCollator:
+    """Packed bins (with ``position_ids``) or plain examples (without) as the attention kernel wants them.
+
+    Each feature's segments (where attention restarts) come from its position ids: each example for
+    neat_packing and padding_free, each bin for plain packing. The label of each segment's and each
+    feature's first token is -100: it would otherwise be learned from the previous segment's last token.
+
+    - ``attention`` a FlashAttention kernel (``flash_attention_2``, ...): one row, no padding, with
+      ``cu_seq_lens_q/k`` (int32 segment boundaries) and ``max_length_q/k`` (ints), computed here once on
+      the CPU: transformers' varlen path takes them as they are instead of deriving them from the position
+      ids in every layer (device-to-host syncs).
+    - otherwise (sdpa, eager): the features in rows no longer than the longest one (best-fit decreasing, so
+      a bin or the longest example is a row of its own), each row padded to that length with a padding
+      segment whose position ids restart at 0 and whose labels are -100. No attention mask: transformers
+      builds each row's block-diagonal causal mask from its position ids, [rows, 1, L, L] rather than one
+      [1, 1, T, T] over the whole batch.
+    """
+
+    attention: str = "sdpa"  # the model's config._attn_implementation
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        ids, labels, positions = [], [], []
         for f in features:
             n = len(f["input_ids"])
-            input_ids += list(f["input_ids"])
-            labels += [IGNORE_INDEX] + list(f["labels"][1:])
-            positions += list(f["position_ids"]) if "position_ids" in f else list(range(n))
+            position = np.asarray(f["position_ids"], dtype=np.int64) if "position_ids" in f else np.arange(n)
+            label = np.array(f["labels"], dtype=np.int64)
+            label[segment_starts(position)] = IGNORE_INDEX  # never learn across a boundary
+            ids.append(np.asarray(f["input_ids"], dtype=np.int64))
+            labels.append(label)
+            positions.append(position)
+        if self.attention.startswith("flash_attention"):
+            return self._varlen_row(ids, labels, positions)
+        return self._padded_rows(ids, labels, positions)
+
+    @staticmethod
+    def _varlen_row(ids, labels, positions) -> dict[str, Any]:
+        offsets = np.cumsum([0] + [len(p) for p in positions[:-1]])
+        starts = np.concatenate([segment_starts(p) + o for p, o in zip(positions, offsets)])
+        boundaries = torch.from_numpy(np.append(starts, offsets[-1] + len(positions[-1]))).to(torch.int32)
+        longest = int(boundaries.diff().max())
         return {
-            "input_ids": torch.tensor([input_ids]),
-            "labels": torch.tensor([labels]),
-            "position_ids": torch.tensor([positions]),
+            "input_ids": torch.from_numpy(np.concatenate(ids))[None],
+            "labels": torch.from_numpy(np.concatenate(labels))[None],
+            "position_ids": torch.from_numpy(np.concatenate(positions))[None],
+            "cu_seq_lens_q": boundaries,
+            "cu_seq_lens_k": boundaries,
+            "max_length_q": longest,
+            "max_length_k": longest,
         }
+
+    @staticmethod
+    def _padded_rows(ids, labels, positions) -> dict[str, torch.Tensor]:
+        lengths = np.array([len(x) for x in ids])
+        width = int(lengths.max())
+        order, sizes = best_fit_decreasing(lengths, width)
+        rows = np.split(order, np.cumsum(sizes)[:-1])
+        out = {
+            "input_ids": np.full((len(rows), width), PAD_ID, dtype=np.int64),
+            "labels": np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64),
+            # the padding tail restarts at 0: a segment of its own
+            "position_ids": np.tile(np.arange(width), (len(rows), 1)),
+        }
+        for r, members in enumerate(rows):
+            n = int(lengths[members].sum())
+            out["input_ids"][r, :n] = np.concatenate([ids[i] for i in members])
+            out["labels"][r, :n] = np.concatenate([labels[i] for i in members])
+            out["position_ids"][r, :n] = np.concatenate([positions[i] for i in members])
+            out["position_ids"][r, n:] -= n
+        return {k: torch.from_numpy(v) for k, v in out.items()}
 
 
 def padding_share(dataset: Dataset, batch_size: int, flat: bool) -> float:

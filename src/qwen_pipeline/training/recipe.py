@@ -39,32 +39,81 @@ class TrainResult:
 ATTENTION = {"auto": None, "sdpa": "sdpa", "fa2": "flash_attention_2", "disabled": "eager"}
 
 
-def load_model(model_config: ModelConfig, config: TrainConfig):
-    """The base model in the training dtype, quantized for QLoRA, with the chosen attention."""
+def compute_dtype(config: TrainConfig) -> torch.dtype:
+    """The dtype the forward runs in: bf16 / fp16 under mixed precision, else float32."""
+    return torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else torch.float32
+
+
+def zero_stage(config: TrainConfig) -> int:
+    """The ZeRO stage of ``config.deepspeed`` (0 without DeepSpeed)."""
+    if not config.deepspeed:
+        return 0
+    return int(json.loads(Path(config.deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0))
+
+
+def load_kwargs(model_config: ModelConfig, config: TrainConfig, *, cuda: bool) -> dict[str, Any]:
+    """``from_pretrained``'s arguments. Weights load in the compute dtype (the frozen base of LoRA/QLoRA stays
+    there; what trains is made float32 after wrapping, see ``upcast_trainable``). QLoRA puts its quantized
+    weights on this process's own GPU (bitsandbytes otherwise uses the current device: cuda:0 for every rank),
+    except under ZeRO-3, where DeepSpeed places them and the 4-bit storage must have the compute dtype so the
+    quantized weights can be partitioned with the others."""
     from transformers import BitsAndBytesConfig
 
-    dtype = torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else torch.float32
+    from .ranks import local_rank
+
+    dtype = compute_dtype(config)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": model_config.trust_remote_code}
     if ATTENTION[config.flash_attn]:
         kwargs["attn_implementation"] = ATTENTION[config.flash_attn]
+    zero3 = zero_stage(config) == 3
     if config.quantization_bit == 4:
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            **({"bnb_4bit_quant_storage": dtype} if zero3 else {}),
         )
     elif config.quantization_bit == 8:
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if config.quantization_bit and cuda and not zero3:
+        kwargs["device_map"] = {"": local_rank()}
+    return kwargs
+
+
+def load_model(model_config: ModelConfig, config: TrainConfig):
+    """The base model in the training dtype, quantized for QLoRA, with the chosen attention. Under ZeRO-3 the
+    caller has created the TrainingArguments first, so transformers builds it partitioned (``zero.Init``):
+    no process ever holds the whole model."""
     from transformers import AutoModelForCausalLM
 
     from ..models import resolve_model_path
+    from .ranks import local_rank
 
-    return AutoModelForCausalLM.from_pretrained(resolve_model_path(model_config.model_name_or_path), **kwargs)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank())  # before loading: bitsandbytes and DeepSpeed use the current device
+    return AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(model_config.model_name_or_path), **load_kwargs(model_config, config, cuda=cuda)
+    )
+
+
+def upcast_trainable(model, config: TrainConfig) -> None:
+    """Trainable weights in float32 under bf16/fp16 mixed precision (LLaMA-Factory's rule): AdamW then keeps
+    float32 states and updates of lr 1e-5 do not round away in 16-bit weights, and fp16's grad scaler gets
+    float32 gradients to unscale. Not under DeepSpeed, whose optimizer keeps its own float32 master weights."""
+    if config.deepspeed or compute_dtype(config) == torch.float32:
+        return
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
 
 
 def wrap_lora(model, config: TrainConfig):
-    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, TaskType, get_peft_model
 
-    if config.quantization_bit:  # norms and head to fp32, inputs require grad: what k-bit training needs
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    # QLoRA: the quantized base frozen, everything else left in the compute dtype (as LLaMA-Factory; PEFT's
+    # prepare_model_for_kbit_training would also copy embeddings and head to float32: 0.5 GB more at 0.5B).
     target = "all-linear" if config.lora_target == "all" else config.lora_target  # PEFT skips the head
     lora = LoraConfig(
         task_type=TaskType.CAUSAL_LM,
@@ -147,39 +196,22 @@ def run_sft(
     dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig, *, save_to: Path | None = None
 ) -> TrainResult:
     """Train; with ``save_to`` (every rank must pass it) the Trainer also writes the model there,
-    gathering ZeRO-3 partitions first."""
-    if not torch.cuda.is_available():  # DeepSpeed's "Setting accelerator to CPU" warning, said for it
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from transformers import DataCollatorForSeq2Seq, ProgressCallback, TrainingArguments, set_seed
+    gathering ZeRO-3 partitions first. One process that needs a process group (DeepSpeed, or a host
+    with several GPUs) gets a single-rank one for the duration."""
+    from .ranks import one_process_group
 
-    from .callbacks import LiveMetrics, QuietProgress  # transformers' classes: imported when training starts
-    from .loss import SFTTrainer
+    with one_process_group(config.deepspeed):
+        return _run_sft(dataset, model_config, config, save_to)
 
-    set_seed(config.seed)
-    # Load
-    tokenizer = load_tokenizer(
-        model_config.model_name_or_path,
-        trust_remote_code=model_config.trust_remote_code,
-        use_fast=model_config.use_fast_tokenizer,
-    )
-    model = load_model(model_config, config)
-    # Wrap
-    model = wrap(model, config)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False  # the cache is useless when activations are recomputed
-    trainable, total = count_parameters(model)
-    logger.info(
-        "%s: %d trainable parameters of %d (%.3f%%)", config.finetuning_type, trainable, total, 100 * trainable / total
-    )
-    # Train
-    fingerprint = data_fingerprint(dataset["train"])  # also recorded in the summary (and the model's manifest)
-    run_dir = checkpoint_dir(fingerprint, model_config, config)
-    resume = None if config.overwrite_output_dir else last_complete_checkpoint(run_dir)
-    if resume:
-        logger.info("Resuming from %s (train.overwrite_output_dir: true starts over)", resume)
-    elif run_dir.exists() and int(os.environ.get("RANK", "0")) == 0:
-        shutil.rmtree(run_dir)  # start over: no complete checkpoint, or asked to
+
+def training_arguments(config: TrainConfig, run_dir: Path):
+    """The Trainer's arguments, and the process group. Created before the model loads: with a ZeRO-3 config they
+    make the DeepSpeed config live, and only then does ``from_pretrained`` build the model partitioned."""
+    from transformers import TrainingArguments
+
+    from .ranks import world_size
+
+    cpu = not torch.cuda.is_available()
     args = TrainingArguments(
         output_dir=str(run_dir),
         learning_rate=config.learning_rate,
@@ -200,8 +232,8 @@ def run_sft(
         deepspeed=config.deepspeed,
         ddp_timeout=config.ddp_timeout,
         # Without use_cpu, transformers treats torchrun CPU workers as separate single-process runs.
-        use_cpu=not torch.cuda.is_available(),
-        ddp_backend="gloo" if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        use_cpu=cpu,
+        ddp_backend="gloo" if cpu and world_size() > 1 else None,
         train_sampling_strategy="random" if config.shuffle else "sequential",
         save_strategy="steps" if config.save_steps else "no",
         save_steps=config.save_steps or 500,
@@ -209,8 +241,80 @@ def run_sft(
         report_to="none",  # the train node hands the history to kedro-mlflow
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),  # pinning only helps a GPU
+        dataloader_pin_memory=not cpu,  # pinning only helps a GPU
     )
+    if config.deepspeed:
+        _deepspeed_comm(config)
+    return args
+
+
+def resume_point(run_dir: Path, config: TrainConfig) -> str | None:
+    """Rank 0 decides whether to resume and every process follows: only rank 0 writes checkpoints, so a
+    process on another node, looking at its own disk, could see none and start fresh while rank 0 resumes."""
+    from .ranks import from_rank_zero, is_rank_zero
+
+    resume = None
+    if is_rank_zero():
+        resume = None if config.overwrite_output_dir else last_complete_checkpoint(run_dir)
+        if not resume and run_dir.exists():
+            shutil.rmtree(run_dir)  # start over: no complete checkpoint, or asked to
+    resume = from_rank_zero(resume)
+    if resume:
+        logger.info("Resuming from %s (train.overwrite_output_dir: true starts over)", resume)
+    return resume
+
+
+def _deepspeed_comm(config: TrainConfig) -> None:
+    """DeepSpeed's communication layer over the process group, before the model loads: ``zero.Init`` sizes its
+    partitions from it, and on CPU (where accelerate does not start DeepSpeed's layer) it would count a world
+    of 1 and refuse the batch size."""
+    from datetime import timedelta
+
+    import deepspeed
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=config.ddp_timeout), verbose=False)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (VmHWM)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _run_sft(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig, save_to: Path | None) -> TrainResult:
+    if not torch.cuda.is_available():  # DeepSpeed's "Setting accelerator to CPU" warning, said for it
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from transformers import DataCollatorForSeq2Seq, ProgressCallback, set_seed
+
+    from .callbacks import LiveMetrics, QuietProgress  # transformers' classes: imported when training starts
+    from .loss import SFTTrainer
+    from .ranks import max_over_ranks
+
+    set_seed(config.seed)
+    fingerprint = data_fingerprint(dataset["train"])  # also recorded in the summary (and the model's manifest)
+    run_dir = checkpoint_dir(fingerprint, model_config, config)
+    args = training_arguments(config, run_dir)  # first: the process group, and ZeRO-3's partitioned loading
+    resume = resume_point(run_dir, config)
+    # Load
+    tokenizer = load_tokenizer(
+        model_config.model_name_or_path,
+        trust_remote_code=model_config.trust_remote_code,
+        use_fast=model_config.use_fast_tokenizer,
+    )
+    model = load_model(model_config, config)
+    # Wrap
+    model = wrap(model, config)
+    upcast_trainable(model, config)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False  # the cache is useless when activations are recomputed
+    trainable, total = count_parameters(model)
+    logger.info(
+        "%s: %d trainable parameters of %d (%.3f%%)", config.finetuning_type, trainable, total, 100 * trainable / total
+    )
+    # Train
     train_set, batching = dataset["train"], {}
     flat = config.packing or config.neat_packing or config.padding_free
     if config.packing or config.neat_packing:
@@ -218,7 +322,7 @@ def run_sft(
         length = config.pack_length or int(row_lengths(train_set).max())
         train_set, batching = pack(train_set, length, neat=config.neat_packing)
     if flat:
-        collator = FlatCollator()
+        collator = FlatCollator(attention=model.config._attn_implementation)
         model.config.use_cache = False  # packed-sequence masks are built only without a KV cache
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
@@ -227,6 +331,7 @@ def run_sft(
         "Batching: %s", ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in batching.items())
     )
     trainer = SFTTrainer(  # the output head only on labelled positions (training/loss.py)
+        chunk_rows=config.loss_chunk_rows,
         model=model,
         args=args,
         train_dataset=train_set,
@@ -268,8 +373,10 @@ def run_sft(
         "trainable_parameters": trainable,
         "data_fingerprint": fingerprint,
         **{f"batching_{k}": v for k, v in batching.items()},
+        # the largest of all processes: host memory is what a CPU run, an offload or a model load fills
+        "peak_rss_gb": round(max_over_ranks(peak_rss_bytes()) / 2**30, 3),
         **(
-            {"peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
+            {"peak_gpu_memory_gb": round(max_over_ranks(torch.cuda.max_memory_allocated()) / 2**30, 3)}
             if torch.cuda.is_available()
             else {}
         ),

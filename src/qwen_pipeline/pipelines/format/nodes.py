@@ -23,6 +23,16 @@ from ...template import TemplateOptions
 
 logger = logging.getLogger(__name__)
 
+# The params:format keys that decide what the tokenized data is: stored with it as its settings.
+DATA_SETTINGS = (
+    "template",
+    "cutoff_len",
+    "train_on_prompt",
+    "mask_history",
+    "tokenization",
+    "overlength",
+    "control_tokens",
+)
 CONTROL_TOKEN_ACTIONS = {
     "keep": "they become real control tokens, as in LLaMA-Factory (a typed <|im_end|> ends the turn for the "
     "model); 'escape' tokenizes them as plain text, 'reject' drops those conversations",
@@ -49,7 +59,8 @@ def tokenize_conversations(
         conversations._fingerprint,
         tokenizer_fingerprint(model_config.model_name_or_path, **tokenizer_args),
     )
-    if previous is not None and previous.fingerprint == fingerprint and not work.overwrite_cache:
+    # previous.settings empty: stored by a version that did not record them; made again so train can read them
+    if previous is not None and previous.fingerprint == fingerprint and previous.settings and not work.overwrite_cache:
         logger.info("Format: conversations, parameters and tokenizer unchanged, reusing the tokenized dataset")
         report, dropped = previous.outputs
         return previous, {**report, "reused": True}, dropped
@@ -70,7 +81,14 @@ def tokenize_conversations(
     splits = split(examples, held_out, config.val_size, config.seed)
     report = _report(len(conversations), found, config, splits)
     report["fingerprint"] = fingerprint
-    return StageOutput(splits, fingerprint, (report, found.dropped)), {**report, "reused": False}, found.dropped
+    output = StageOutput(splits, fingerprint, (report, found.dropped), settings=data_settings(config))
+    return output, {**report, "reused": False}, found.dropped
+
+
+def data_settings(config: FormatConfig) -> dict[str, Any]:
+    """What the tokenized data was made with, stored with it: train reads its cutoff_len and template from
+    the data, not from this run's params:format (which may have changed since)."""
+    return {name: getattr(config, name) for name in DATA_SETTINGS}
 
 
 def _report(conversations: int, found: TokenizeResult, config: FormatConfig, splits: DatasetDict) -> dict[str, Any]:

@@ -1,37 +1,64 @@
 """Train: LoRA SFT of the base model on the tokenized dataset (the recipe lives in ``training/``).
 
-The model is saved by the process that trained it (rank 0 under torchrun); the node hands that folder
-to the ``trained_model`` dataset, which moves it into place: the weights are never loaded here.
+The cutoff_len and template come from the tokenized dataset (what format recorded when it made it),
+not from params:format, which may have changed since. The model is saved by the process that trained it
+(rank 0 under torchrun); the node hands that folder to the ``trained_model`` dataset, which moves it into
+place: the weights are never loaded here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any
 
 from datasets import DatasetDict
 
-from ...config import ConfigError, FormatConfig, ModelConfig, TrainConfig, pack_length, parse_config
-from ...datasets import ModelFiles
+from ...config import ConfigError, ModelConfig, TrainConfig, pack_length, parse_config
+from ...datasets import ModelFiles, StageOutput
+from ...errors import DataError
 from ...training.checks import environment_problems
 from ...training.launcher import train
+from ...training.memory import MemoryPlan
+from ...training.packing import labelled_tokens, row_lengths
+
+logger = logging.getLogger(__name__)
+
+FORMAT_AGAIN = "run kedro run --pipelines format"
 
 
 def train_model(
-    sft_dataset: DatasetDict, model_params: dict[str, Any], params: dict[str, Any], format_params: dict[str, Any]
+    sft_dataset: StageOutput, model_params: dict[str, Any], params: dict[str, Any]
 ) -> tuple[ModelFiles, list[dict[str, float]], dict[str, Any], dict[str, Any], Any]:
     """The trained model's files, the per-step loss, learning rate and grad norm (in MLflow already, live,
     as train/<name>), a summary, its metrics, a loss plot."""
     model_config = parse_config(ModelConfig, model_params, "model")
     config = parse_config(TrainConfig, params, "train")
-    if config.packing or config.neat_packing:  # pack_length follows format.cutoff_len unless set
-        config = dataclasses.replace(
-            config, pack_length=pack_length(config, parse_config(FormatConfig, format_params, "format"))
+    made_with, packs = sft_dataset.settings, config.packing or config.neat_packing
+    if packs and "cutoff_len" in made_with:  # pack_length unless set: the cutoff the data was made with
+        config = dataclasses.replace(config, pack_length=pack_length(config, made_with["cutoff_len"]))
+    if problems := data_problems(sft_dataset, config):  # before any model is loaded
+        raise DataError(
+            "sft_dataset cannot be trained on: " + problems[0]
+            if len(problems) == 1
+            else "sft_dataset cannot be trained on:\n  - " + "\n  - ".join(problems)
         )
-    if problems := environment_problems(config):  # before any model is loaded
+    if problems := environment_problems(config):
         raise ConfigError(problems)
-    result = train(sft_dataset, model_config, config)
+    plan = memory_plan(sft_dataset.data, model_config, config)
+    data = {"template": made_with["template"], "cutoff_len": made_with["cutoff_len"]}
+    logger.info(
+        "Training on sft_dataset made with template %s, cutoff_len %d%s",
+        data["template"],
+        data["cutoff_len"],
+        f"; pack_length {config.pack_length}" if packs else "",
+    )
+    result = train(sft_dataset.data, model_config, config)
+    summary = {**result.summary, **{f"data_{key}": value for key, value in data.items()}}
+    summary |= plan.metrics() if plan else {}
+    if packs:
+        summary["pack_length"] = config.pack_length
     model = ModelFiles(
         path=result.path,
         manifest={
@@ -40,17 +67,77 @@ def train_model(
             "finetuning_type": config.finetuning_type,
             "quantization_bit": config.quantization_bit,
             "data_fingerprint": result.summary["data_fingerprint"],
+            "data": data,  # what the data was made with (format's settings), not this run's params:format
             "train_config": dataclasses.asdict(config),
-            "training": result.summary,
+            "training": summary,
         },
     )
     loss_history = {int(entry["step"]): entry["loss"] for entry in result.history}
     metrics = {
-        key: {"value": float(value), "step": 0}
-        for key, value in result.summary.items()
-        if isinstance(value, (int, float))
+        key: {"value": float(value), "step": 0} for key, value in summary.items() if isinstance(value, (int, float))
     }
-    return model, result.history, result.summary, metrics, plot_loss(loss_history)
+    return model, result.history, summary, metrics, plot_loss(loss_history)
+
+
+def memory_plan(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig) -> MemoryPlan | None:
+    """What one training process will hold, from the model's config alone, against the free memory of its device;
+    a run that cannot fit stops here (``train.memory_check``), before any weights load. Off: no plan at all."""
+    if config.memory_check == "off":
+        return None
+    import torch
+
+    from ...models import resolve_model_path
+    from ...training.launcher import Topology
+    from ...training.memory import Shape, check_memory, placement_for, plan_memory
+
+    topology = Topology.from_config(config)
+    placement = placement_for(
+        config, world_size=topology.world_size, procs_per_node=topology.nproc_per_node, cuda=torch.cuda.is_available()
+    )
+    lengths = row_lengths(dataset["train"])
+    if config.packing or config.neat_packing:
+        shape = Shape(rows=config.per_device_train_batch_size, row_length=config.pack_length)
+    else:  # the longest example makes the widest padded batch (padding-free rows are no longer than it either)
+        shape = Shape(rows=config.per_device_train_batch_size, row_length=int(lengths.max()) if len(lengths) else 1)
+    plan = plan_memory(resolve_model_path(model_config.model_name_or_path), config, shape, placement)
+    logger.info("%s", plan.describe())
+    check_memory(plan, config.memory_check)
+    return plan
+
+
+def data_problems(sft_dataset: StageOutput, config: TrainConfig) -> list[str]:
+    """What makes the tokenized data untrainable as configured, all of it, from the Arrow offsets and labels
+    (no example is read into Python): no recorded settings, examples packing would have to cut, no label."""
+    made_with, found = sft_dataset.settings, []
+    if not made_with:
+        found.append(
+            "it does not record the cutoff_len and template it was made with (made by an older version of the "
+            f"format stage): {FORMAT_AGAIN}"
+        )
+    if not isinstance(sft_dataset.data, DatasetDict) or "train" not in sft_dataset.data:
+        return found + [f"it has no train split: {FORMAT_AGAIN}"]
+    train_split = sft_dataset.data["train"]
+    lengths = row_lengths(train_split)
+    if (config.packing or config.neat_packing) and config.pack_length is not None and len(lengths):
+        if (over := int((lengths > config.pack_length).sum())) > 0:
+            cutoff = made_with.get("cutoff_len", "unknown")
+            found.append(
+                f"{over} of {len(lengths)} training examples are longer than train.pack_length="
+                f"{config.pack_length} (the longest: {int(lengths.max())} tokens; the data was made with "
+                f"cutoff_len={cutoff}): packing would cut them. Raise train.pack_length to at least "
+                f"{int(lengths.max())} or leave it unset (it then follows the data's cutoff_len), or make the "
+                f"data with format.cutoff_len={config.pack_length} ({FORMAT_AGAIN})"
+            )
+    if labelled_tokens(train_split) == 0:
+        keys = ("cutoff_len", "train_on_prompt", "mask_history")
+        settings = ", ".join(f"{k}={made_with[k]}" for k in keys if k in made_with)
+        found.append(
+            f"its train split holds no labelled token ({len(lengths)} examples, {int(lengths.sum())} tokens, "
+            f"every label -100): there is nothing to learn. It was made with {settings or 'unrecorded settings'}: "
+            "raise format.cutoff_len if prompts fill it, or set format.train_on_prompt: true, or check the "
+            f"answers in the data; then {FORMAT_AGAIN}"
+        )
+    return found
 
 
 def smooth(values: list[float]) -> list[float]:
