@@ -1,7 +1,8 @@
 """Packing speed, bin fill and memory: our best-fit decreasing `pack()` vs the first-fit decreasing it replaced.
 
 N synthetic tokenized examples (default 1,000,000; lengths log-normal, mean ~270 tokens, clipped to
-8..pack_length 2048, as format's cutoff leaves them (`pack()` refuses longer ones); random int32 ids and labels, as the format stage writes them) are saved
+8..pack_length 2048, as format's cutoff leaves them (`pack()` refuses longer ones); random int32 ids and
+labels, as the format stage writes them) are saved
 once as an Arrow file under --work, so the run reads them memory-mapped as the train stage reads
 `sft_dataset`. Each measurement runs in a fresh process: load, pack, report seconds, examples/s, bin fill,
 peak RSS (VmHWM: counts the memory-mapped input pages it touched) and peak anonymous RSS (sampled every
