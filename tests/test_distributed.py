@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import socket
 import subprocess
 import sys
@@ -166,25 +167,20 @@ def test_worker_failure_is_a_clear_error(dataset, tmp_path, monkeypatch):
     assert list((tmp_path / "bad").iterdir()) == []  # no work or staging folder left behind
 
 
-def test_two_nodes_launcher_and_its_logged_command_give_the_losses_of_one(
-    dataset, one_process_losses, tmp_path, monkeypatch, caplog
-):
-    """Multi-node on one machine: the launcher as node 0 (NNODES=2, NODE_RANK=0) logs the worker command
-    for the other node; that command, run with NODE_RANK=1, trains together with it, one process a node,
-    batch 2 each: the losses of one process with batch 4."""
+def run_two_nodes(dataset, config, shared: Path, monkeypatch, *, node_1_cwd: Path | None = None):
+    """Multi-node on one machine: the launcher as node 0 (NNODES=2, NODE_RANK=0) in a thread; the worker command
+    it logs for the other nodes, run as a user pastes it (NODE_RANK=1, from ``node_1_cwd``). Returns the
+    TrainedModel and the logged command."""
     import psutil
 
-    port, shared = free_port(), tmp_path / "shared"
+    port = free_port()
     for name, value in {"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("QWEN_PIPELINE_WORK_DIR", str(shared))
-    # a stray worker gives up after 5 minutes instead of gloo's 30
-    config = TrainConfig(per_device_train_batch_size=2, output_dir=str(tmp_path / "ckpt"), ddp_timeout=300, **COMMON)
-
     logged: queue.Queue[str] = queue.Queue()
     handler = logging.Handler()
     handler.emit = lambda record: logged.put(record.getMessage())
-    caplog.set_level(logging.INFO, logger=launcher.logger.name)
+    launcher.logger.setLevel(logging.INFO)
     launcher.logger.addHandler(handler)
     outcome: dict[str, object] = {}
 
@@ -199,16 +195,11 @@ def test_two_nodes_launcher_and_its_logged_command_give_the_losses_of_one(
     thread.start()
     try:
         message = next_message_starting(logged, "On each other node", seconds=120)
-        expected = (
-            f"On each other node, with NODE_RANK set to its rank, run: {sys.executable} -m torch.distributed.run"
-            " --nproc_per_node=1 --nnodes=2 --node_rank=$NODE_RANK --master_addr=127.0.0.1"
-            f" --master_port={port} -m qwen_pipeline.training {shared}/.qwen-train-"
-        )
-        assert message.startswith(expected), message
         command = message.split(" run: ", 1)[1]
         node_1 = subprocess.run(
             ["bash", "-c", command],  # as a user pastes it, $NODE_RANK from the environment
             env={**os.environ, "NODE_RANK": "1"},
+            cwd=node_1_cwd,
             capture_output=True,
             text=True,
             timeout=480,
@@ -223,12 +214,53 @@ def test_two_nodes_launcher_and_its_logged_command_give_the_losses_of_one(
                 child.kill()
         thread.join(timeout=30)
     assert "error" not in outcome, outcome.get("error")
-    trained = outcome["trained"]
+    return outcome["trained"], message
+
+
+def test_two_nodes_launcher_and_its_logged_command_give_the_losses_of_one(
+    dataset, one_process_losses, tmp_path, monkeypatch
+):
+    """The launcher as node 0 logs the worker command for the other node; that command, run with NODE_RANK=1,
+    trains together with it, one process a node, batch 2 each: the losses of one process with batch 4."""
+    shared = tmp_path / "shared"
+    # a stray worker gives up after 5 minutes instead of gloo's 30
+    config = TrainConfig(per_device_train_batch_size=2, output_dir=str(tmp_path / "ckpt"), ddp_timeout=300, **COMMON)
+    trained, message = run_two_nodes(dataset, config, shared, monkeypatch)
+    expected = (
+        f"On each other node, with NODE_RANK set to its rank, run: {sys.executable} -m torch.distributed.run"
+        " --nproc_per_node=1 --nnodes=2 --node_rank=$NODE_RANK --master_addr=127.0.0.1"
+        f" --master_port={os.environ['MASTER_PORT']} -m qwen_pipeline.training {shared}/.qwen-train-"
+    )
+    assert message.startswith(expected), message
     assert trained.path.parent == shared and [p.name for p in shared.iterdir()] == [trained.path.name]
     assert trained.kind == "adapter" and (trained.path / "adapter_model.safetensors").is_file()
     two = [h["loss"] for h in trained.history]
     # gloo all-reduce across the two nodes vs one batch: the DDP tolerance above
     assert len(two) == 4 and two == pytest.approx(one_process_losses, rel=1e-4), (one_process_losses, two)
+
+
+def test_two_nodes_resume_together_with_node_1_started_elsewhere(dataset, tmp_path, monkeypatch):
+    """A relative output_dir and node 1 started from another folder: both nodes checkpoint and resume in the same
+    place (the launcher hands the workers an absolute output_dir, rank 0 decides whether to resume). An interrupted
+    run (its last checkpoint removed) resumed on two nodes trains only the missing steps, to the same losses."""
+    node_0, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    node_0.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(node_0)
+    config = TrainConfig(
+        per_device_train_batch_size=2, output_dir="ckpt", save_steps=2, save_total_limit=None, ddp_timeout=300, **COMMON
+    )
+    first, _ = run_two_nodes(dataset, config, tmp_path / "shared", monkeypatch, node_1_cwd=elsewhere)
+    [run_dir] = list((node_0 / "ckpt").glob("[0-9a-f]*"))
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert not list(elsewhere.iterdir())  # node 1 wrote nothing relative to its own folder
+    shutil.rmtree(run_dir / "checkpoint-4")  # as if the run had stopped after step 3
+    second, _ = run_two_nodes(dataset, config, tmp_path / "shared2", monkeypatch, node_1_cwd=elsewhere)
+    assert (second.summary["resumed_from_step"], second.summary["steps_this_run"]) == (2, 2)
+    losses = {int(h["step"]): h["loss"] for h in first.history}
+    assert {int(h["step"]): h["loss"] for h in second.history if h["step"] > 2} == pytest.approx(
+        {3: losses[3], 4: losses[4]}, rel=1e-4
+    )
 
 
 def test_zero3_builds_the_model_partitioned_in_every_process(tmp_path):
