@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,7 +59,8 @@ def test_console_is_quiet_and_each_run_ends_with_its_summary(project):
     assert sft[2].startswith("  records: 362 read, 360 kept, 2 rejected (") and "rejected_records.json" in sft[2]
     assert sft[3].startswith("  examples: 360 (22816 tokens, 5103 learned; train 324, validation 36), 0 dropped")
     assert sft[4].startswith("  training: 41 steps, loss ") and sft[4].endswith("data/06_models/trained")
-    assert sft[5:] == ["  next: kedro run --pipelines merge"]
+    assert re.fullmatch(r"  memory: planned [\d.]+ GiB per device of [\d.]+ free, peak seen [\d.]+ GiB", sft[5]), sft[5]
+    assert sft[6:] == ["  next: kedro run --pipelines merge"]
     steps = [line.split(" INFO step ")[1].split(":")[0] for line in logs["sft"].splitlines() if " INFO step " in line]
     assert steps == [f"{n}/41" for n in (*range(4, 41, 4), 41)]  # every 4th step and the last, not each step
     merge = logs["merge"].split("INFO Run summary\n", 1)[1]
@@ -341,3 +343,23 @@ def test_data_stages_rerun_with_nothing_changed_reuses_their_outputs(project, mo
     assert {p: p.stat().st_mtime_ns for p in (root / "data").rglob("*.arrow")} == stored  # nothing rewritten
     rejected = json.loads((root / "data/08_reporting/rejected_records.json").read_text())
     assert [(r["file"], r["index"]) for r in rejected] == [("alpaca_demo.json", 17), ("sharegpt_demo.json", 9)]
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_in_the_default_one_process_trains(project, model_cache, stage):
+    """The command a new user tries first (nproc_per_node: 1, trained in-process): DeepSpeed used to look for MPI
+    and fail with "No module named 'mpi4py'"; now the one process is rank 0 of a world of 1."""
+    root, _ = project
+    log = kedro(
+        root,
+        "run",
+        "--pipelines",
+        "train",
+        "--params",
+        f"train.deepspeed=conf/base/deepspeed/{stage}.json,train.max_steps=1",
+        cache=model_cache,
+    )
+    assert "mpi4py" not in log
+    summary = json.loads((root / "data/08_reporting/training_summary.json").read_text())
+    assert summary["global_steps"] == 1 and summary["first_loss"] > 0
+    assert "Trained 1 steps" in log and "memory: planned" in log

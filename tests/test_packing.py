@@ -236,10 +236,13 @@ def test_collator_lays_out_each_mode_for_each_kernel(layout, attention):
     expected = COLLATED[layout, attention]
     for name in ("input_ids", "labels", "position_ids"):
         assert out[name].dtype == torch.int64 and out[name].tolist() == expected[name], name
+    # the tokens that are not padding, for the Trainer's tokens/s (rows may end in padding)
+    assert out["num_tokens"] == sum(len(f["input_ids"]) for f in FEATURES[layout])
     if attention == FA2:
         assert set(out) == {"input_ids", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k"} | {
             "max_length_q",
             "max_length_k",
+            "num_tokens",
         }
         for name in ("cu_seq_lens_q", "cu_seq_lens_k"):  # int32, as flash_attn_varlen_func takes them
             assert out[name].dtype == torch.int32 and out[name].tolist() == expected["cu_seq_lens"]
@@ -247,7 +250,7 @@ def test_collator_lays_out_each_mode_for_each_kernel(layout, attention):
         assert type(out["max_length_q"]) is type(out["max_length_k"]) is int
         assert out["max_length_q"] == out["max_length_k"] == expected["max_length"]
     else:
-        assert set(out) == {"input_ids", "labels", "position_ids"}  # no attention mask: built from positions
+        assert set(out) == {"input_ids", "labels", "position_ids", "num_tokens"}  # no mask: built from positions
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +263,7 @@ def mixed(demo):
 
 def summed_loss(model, batch) -> tuple[float, int]:
     """The loss summed over labelled tokens (not averaged), and their count."""
-    extra = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
+    extra = {k: v for k, v in batch.items() if k not in ("input_ids", "labels", "num_tokens")}
     with torch.no_grad():
         hidden = model.model(input_ids=batch["input_ids"], **extra).last_hidden_state
         total = token_mean_loss(model.lm_head, hidden, batch["labels"], num_items_in_batch=1)

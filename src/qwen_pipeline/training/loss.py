@@ -120,12 +120,16 @@ class SFTTrainer(Trainer):
         """Counts this process's non-padding tokens where they are (a flat batch has no padding), without
         reading the count back: the Trainer's own count (``include_num_input_tokens_seen``) waits for the
         device and gathers across processes at every step. Read at logging steps only (``LiveMetrics``)."""
+        if "num_tokens" in inputs:  # flat batches: the collator counted them (rows may end in padding)
+            self.tokens_seen = self.tokens_seen + inputs["num_tokens"]
+            return
         mask = inputs.get("attention_mask")
         self.tokens_seen = self.tokens_seen + (mask.sum() if mask is not None else inputs["input_ids"].numel())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Through the wrapped model (DDP and DeepSpeed act in its forward, PEFT in its modules), keeping
         # no logits; the decoder's output is picked up on the way and the head applied in _head_loss.
+        inputs = {k: v for k, v in inputs.items() if k != "num_tokens"}  # the collator's count, not a model input
         inner = self.accelerator.unwrap_model(model)
         no_logits = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
         hook = inner.get_decoder().register_forward_hook(self._capture_hidden)

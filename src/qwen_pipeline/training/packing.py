@@ -244,10 +244,11 @@ class FlatCollator:
             "cu_seq_lens_k": boundaries,
             "max_length_q": longest,
             "max_length_k": longest,
+            "num_tokens": int(boundaries[-1]),  # no padding here; read by the Trainer's token count, not the model
         }
 
     @staticmethod
-    def _padded_rows(ids, labels, positions) -> dict[str, torch.Tensor]:
+    def _padded_rows(ids, labels, positions) -> dict[str, Any]:
         lengths = np.array([len(x) for x in ids])
         width = int(lengths.max())
         order, sizes = best_fit_decreasing(lengths, width)
@@ -264,7 +265,8 @@ class FlatCollator:
             out["labels"][r, :n] = np.concatenate([labels[i] for i in members])
             out["position_ids"][r, :n] = np.concatenate([positions[i] for i in members])
             out["position_ids"][r, n:] -= n
-        return {k: torch.from_numpy(v) for k, v in out.items()}
+        # the tokens that are not padding: for the Trainer's token count (training/loss.py), not the model
+        return {k: torch.from_numpy(v) for k, v in out.items()} | {"num_tokens": int(lengths.sum())}
 
 
 def padding_share(dataset: Dataset, batch_size: int, flat: bool) -> float:

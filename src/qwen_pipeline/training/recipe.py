@@ -188,8 +188,10 @@ def last_complete_checkpoint(run_dir: Path) -> str | None:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    """Trainable and all parameters; a ZeRO-3 partitioned parameter is an empty placeholder: its full size is
+    ``ds_numel``."""
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+    return sum(n for n, trains in sizes if trains), sum(n for n, _ in sizes)
 
 
 def run_sft(
