@@ -235,7 +235,7 @@ class TrainConfig:
     packing: bool = False  # several examples per sequence, bins filled across the whole dataset
     neat_packing: bool = False  # packing with attention and position ids restarting per example
     padding_free: bool = False  # each batch as one row, no padding, attention restarting per example
-    pack_length: int | None = None  # tokens per packed sequence (null: format.cutoff_len)
+    pack_length: int | None = None  # tokens per packed sequence (null: the cutoff_len the data was made with)
     bf16: bool = False
     fp16: bool = False
     gradient_checkpointing: bool = False
