@@ -100,7 +100,7 @@ def test_examples_are_found_in_a_packed_batch_and_the_control_runs_positions_on(
     )
 
 
-@pytest.mark.slow  # ~110 s on 2 cores: seven run_sft calls, two packed-vs-alone comparisons, a merge and evaluations
+@pytest.mark.slow  # ~120 s on 2 busy cores (~80 s CPU): seven run_sft, two packed-vs-alone checks, merge, evaluate
 def test_cpu_smoke_runs_every_section(tmp_path, embedded_dir):
     out = tmp_path / "out.json"
     command = [sys.executable, str(SCRIPT), "--cpu-smoke", "--json", str(out), "--work", str(tmp_path / "work")]
@@ -129,20 +129,17 @@ def test_cpu_smoke_runs_every_section(tmp_path, embedded_dir):
     assert pytest_row["note"] == "--cpu-smoke" and fa2["note"] == "needs CUDA"
     assert build["details"]["parameters"] == TINY_PARAMETERS  # the builder makes the embedded model's shape
 
-    for row in (neat, padding_free):  # the same 12 examples packed and alone, float32 on the CPU
+    for row in (neat, padding_free):  # the same 8 examples packed and alone, float32 on the CPU
         found = row["details"]
-        assert (found["examples"], found["dtype"], found["tolerance"]) == (
-            12,
-            "float32",
-            {"loss": 1e-5, "hidden": 1e-3},
-        )
+        assert (found["examples"], found["dtype"]) == (8, "float32")
+        assert found["tolerance"] == {"loss": 1e-5, "hidden": 1e-3}
         assert found["labelled_packed"] == found["labelled_alone"] > 0
         assert found["max_example_loss_rel_diff"] < 1e-5 and found["sum_rel_diff"] < 1e-5
         assert found["max_example_hidden_rel_diff"] < 1e-5
         assert found["control_max_example_hidden_rel_diff"] > 1e-2  # running positions on is seen
         assert found["most_examples_in_a_row"] >= 2 and row["tokens_per_s"] > 0
-    assert neat["details"]["rows"] == neat["details"]["bins"] < 12 and neat["seq_len"] <= 2 * 384
-    assert padding_free["details"]["rows"] < 12
+    assert neat["details"]["rows"] == neat["details"]["bins"] < 8 and neat["seq_len"] <= 2 * 384
+    assert padding_free["details"]["rows"] < 8
 
     # bf16 mixed precision, one full-SFT step at lr 1e-5
     check = fp32["details"]
@@ -169,9 +166,9 @@ def test_cpu_smoke_runs_every_section(tmp_path, embedded_dir):
         details = row["details"]
         assert row["tokens_per_s"] > 0 and row["mfu"] is None and row["peak_gpu_gb"] is None  # no GPU, no peak
         assert details["parameters"] == TINY_PARAMETERS
-        assert (details["warmup_steps"], details["measured_steps"], details["bins_per_step"]) == (1, 2, 1)
-        # steps 2 and 3 read bins 2 and 3, each at most 256 tokens
-        assert 0 < details["measured_tokens"] <= 2 * 256
+        assert (details["warmup_steps"], details["measured_steps"], details["bins_per_step"]) == (1, 2, 2)
+        # steps 2 and 3 read bins 3..6, each at most 256 tokens
+        assert 0 < details["measured_tokens"] <= 4 * 256
         assert row["tokens_per_s"] == pytest.approx(details["measured_tokens"] / details["measured_seconds"], rel=2e-3)
         assert math.isfinite(details["first_loss"]) and math.isfinite(details["last_loss"])
     check = merge["details"]
