@@ -10,7 +10,10 @@ tokens, and measures right after the optimizer step (before gradients are cleare
   weight counts its packed data and its quant_state tensors, an 8-bit one its SCB scales too);
 - activations: the bytes autograd saved for the backward during the loss computation (saved-tensor hooks,
   each storage once, parameters excluded);
-- peak: the process's VmHWM (CPU) or ``torch.cuda.max_memory_allocated`` + the plan's overhead (CUDA).
+- peak: the process's VmHWM (CPU) or ``torch.cuda.max_memory_allocated`` + the plan's overhead (CUDA). On CPU,
+  VmHWM is restarted (``/proc/self/clear_refs``) when loading starts and when the step starts, so the table also
+  gives the peak of loading + wrapping and the peak of the step; the peak is the larger. The two parts of the
+  plan's CPU overhead beyond the process's RSS (mapped_checkpoint, freed_temporaries) are listed as planned.
 
 Acceptance (issue 15): model-state terms within 5%, peak within 25%, every mode, both shapes.
 
@@ -130,6 +133,15 @@ def vm(key: str) -> int:
     return 0
 
 
+def reset_peak() -> bool:
+    """Restart VmHWM from the current VmRSS (Linux: writing 5 to clear_refs), so each phase has its own peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def row(model_path: str, mode: str, bf16: bool) -> dict:
     """One measured row, in this (fresh) process."""
     import torch
@@ -137,7 +149,15 @@ def row(model_path: str, mode: str, bf16: bool) -> dict:
 
     from qwen_pipeline.config import ModelConfig, TrainConfig
     from qwen_pipeline.training import loss, recipe
-    from qwen_pipeline.training.memory import Shape, placement_for, plan_memory
+    from qwen_pipeline.training.memory import (
+        Shape,
+        freed_temporary_bytes,
+        hf_config,
+        mapped_checkpoint_bytes,
+        model_tensors,
+        placement_for,
+        plan_memory,
+    )
 
     cuda = torch.cuda.is_available()
     data = dataset()
@@ -158,7 +178,26 @@ def row(model_path: str, mode: str, bf16: bool) -> dict:
     plan = plan_memory(model_path, config, Shape(ROWS, LENGTH), placement)
     measured: dict[str, int] = {}
 
+    phases: dict[str, int] = {}
+    load_model, wrap = recipe.load_model, recipe.wrap
+
+    def loading(*args, **kwargs):
+        phases["before"] = vm("VmHWM")  # imports, the plan, the tokenizer
+        reset_peak()
+        return load_model(*args, **kwargs)
+
+    def wrapping(*args, **kwargs):
+        wrapped = wrap(*args, **kwargs)
+        phases["load"] = vm("VmHWM")  # loading and wrapping, from their start
+        return wrapped
+
+    recipe.load_model, recipe.wrap = loading, wrapping
+
     class Measure(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            phases["setup"] = vm("VmHWM")  # the Trainer built, the first batch collated
+            reset_peak()
+
         def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
             params = list(model.parameters())
             measured["weights"] = storages(weight_tensors(model))
@@ -167,6 +206,7 @@ def row(model_path: str, mode: str, bf16: bool) -> dict:
             measured["optimizer_states"] = storages(
                 v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim()
             )
+            phases["step"] = vm("VmHWM")  # forward, backward and optimizer step, from the step's start
 
     class Trainer(loss.SFTTrainer):
         def __init__(self, *args, **kwargs):
@@ -204,8 +244,17 @@ def row(model_path: str, mode: str, bf16: bool) -> dict:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     recipe.run_sft(data, ModelConfig(model_name_or_path=model_path), config)
-    measured["peak"] = torch.cuda.max_memory_allocated() + plan.terms["overhead"] if cuda else vm("VmHWM")
+    if cuda:
+        measured["peak"] = torch.cuda.max_memory_allocated() + plan.terms["overhead"]
+    else:  # VmHWM was restarted at each phase: the peak is the largest phase's
+        measured["peak"] = max(vm("VmHWM"), *phases.values())
+        measured |= {f"{k}_peak": v for k, v in phases.items()}
     planned = {k: plan.terms[k] for k in TERMS} | {"peak": plan.total}
+    if not cuda:  # the parts of the CPU overhead beyond this process's RSS
+        tensors = model_tensors(model_path, config)
+        hf = hf_config(model_path)
+        planned["mapped_checkpoint"] = mapped_checkpoint_bytes(hf, config, tensors, trained_fp32=bf16)
+        planned["freed_temporaries"] = freed_temporary_bytes(config, tensors)
     return {"planned": planned, "measured": measured, "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -229,6 +278,14 @@ def table(results: list[dict]) -> str:
                 f"| {r['shape']} | {r['mode']} | {r['dtype']} | {term} | {plan / 2**20:,.2f} | {got / 2**20:,.2f} "
                 f"| {ratio}{mark} |"
             )
+        where = f"| {r['shape']} | {r['mode']} | {r['dtype']}"
+        for term in ("mapped_checkpoint", "freed_temporaries"):
+            if r["planned"].get(term):
+                lines.append(f"{where} | {term} | {r['planned'][term] / 2**20:,.2f} | | |")
+        for phase in ("load_peak", "step_peak"):
+            if phase in r["measured"]:
+                got = r["measured"][phase] / 2**20
+                lines.append(f"{where} | {phase} (measured) | | {got:,.2f} | |")
     return "\n".join(lines)
 
 

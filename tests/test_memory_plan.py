@@ -3,6 +3,7 @@ the advice, and the check's one message."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -283,3 +284,48 @@ def test_cpu_plan_counts_this_process_and_available_ram(embedded_dir):
     plan = plan_memory(embedded_dir, TrainConfig(), SHAPE, placement)
     assert math.isclose(plan.terms["overhead"], resident_bytes(), rel_tol=0.2)
     assert 0 < plan.available and math.isclose(plan.available, available_memory(placement), rel_tol=0.2)
+
+
+def test_cpu_overhead_holds_the_mapped_checkpoint_and_freed_temporaries(qwen05b):
+    """CPU only: the converted weights' checkpoint bytes while the file stays mapped, and the per-module dense
+    temporaries glibc keeps (QLoRA's dequantized weight once, DoRA's B·A / W + s·BA twice), each <= 32 MiB."""
+    from qwen_pipeline.training.memory import freed_temporary_bytes, mapped_checkpoint_bytes
+
+    linears = 24 * (896 * 896 * 2 + 128 * 896 * 2 + 4864 * 896 * 3)  # q, o, k, v, gate, up, down of 24 layers
+
+    def parts(config, hf=qwen05b):
+        tensors = model_tensors(hf, config)
+        trained_fp32 = config.bf16  # upcast_trainable, no DeepSpeed
+        return mapped_checkpoint_bytes(hf, config, tensors, trained_fp32=trained_fp32), freed_temporary_bytes(
+            config, tensors
+        )
+
+    # float32 checkpoint: QLoRA reads the linears' float32 through the mapping, the embedding keeps it mapped
+    assert parts(TrainConfig(quantization_bit=4)) == (4 * linears, 4 * linears)
+    assert parts(TrainConfig(use_dora=True)) == (0, 2 * 4 * linears)  # every weight a view of the file
+    assert parts(TrainConfig()) == parts(TrainConfig(finetuning_type="full")) == (0, 0)
+    # bf16 from a float32 checkpoint: every weight converted, the mapping is gone after loading
+    assert parts(TrainConfig(bf16=True, quantization_bit=4)) == (0, 2 * linears)
+    bf16_checkpoint = copy.deepcopy(qwen05b)
+    bf16_checkpoint.dtype = torch.bfloat16  # as Qwen2.5's config.json says
+    assert parts(TrainConfig(bf16=True, quantization_bit=4), bf16_checkpoint) == (2 * linears, 2 * linears)
+    # full fine-tuning in bf16 from a bf16 checkpoint: trained weights upcast to float32, nothing left mapped
+    assert parts(TrainConfig(bf16=True, finetuning_type="full"), bf16_checkpoint)[0] == 0
+
+    # On CPU both are part of the overhead (with this process's RSS, about equal between two calls); not on CUDA.
+    cpu = Placement("cpu", 1, 1, 0, False, False)
+    qlora = plan_memory(qwen05b, TrainConfig(quantization_bit=4), SHAPE, cpu, available=80 * GIB)
+    lora = plan_memory(qwen05b, TrainConfig(), SHAPE, cpu, available=80 * GIB)
+    assert math.isclose(qlora.terms["overhead"] - lora.terms["overhead"], 8 * linears, abs_tol=64 * 2**20)
+    assert "+ mapped checkpoint 1.333 GiB + freed temporaries 1.333 GiB" in qlora.notes["overhead"]
+    on_gpu = plan_memory(qwen05b, TrainConfig(quantization_bit=4), SHAPE, gpu(), available=80 * GIB)
+    assert on_gpu.terms["overhead"] == CUDA_OVERHEAD
+
+
+def test_freed_temporaries_skip_blocks_glibc_always_mmaps():
+    from qwen_pipeline.training.memory import Tensor, freed_temporary_bytes
+
+    big = Tensor("m.layers.0.mlp.up_proj.base_layer.weight", 9 * 2**20, 18944, False, 4)  # 36 MiB in float32
+    small = Tensor("m.layers.0.mlp.down_proj.base_layer.weight", 2**20, 896, False, 4)
+    assert freed_temporary_bytes(TrainConfig(quantization_bit=4), [big, small]) == 4 * 2**20
+    assert freed_temporary_bytes(TrainConfig(bf16=True, quantization_bit=4), [big, small]) == 2 * (9 + 1) * 2**20

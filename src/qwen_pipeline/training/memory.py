@@ -15,15 +15,23 @@ uses. Bytes follow the recipe's dtype rules (compute dtype c = bf16 / fp16 / fp3
   checked against saved-tensor measurements, benchmarks/memory_plan.py); with gradient checkpointing only
   each layer's input, plus one layer recomputed;
 - the loss chunk: the output head runs on at most ``train.loss_chunk_rows`` labelled positions at a time;
-- overhead: on CPU the process's resident memory now (imports done, no weights), on CUDA a fixed allowance.
+- overhead: on CPU the process's resident memory now (imports done, no weights), on CUDA a fixed allowance;
+- on CPU the overhead also holds what the host's resident memory (VmHWM) keeps beyond the tensors (measured
+  at the 0.5B shape, benchmarks/memory_plan.py; absent on CUDA, where weights and temporaries live in device
+  memory; both named in the notes): ``mapped_checkpoint``, the checkpoint bytes of converted weights
+  (quantized, or cast to another dtype) that stay in RSS because the safetensors file stays mapped while any
+  weight loaded as is views it (``mapped_checkpoint_bytes``); and ``freed_temporaries``, the dense
+  per-module temporaries of QLoRA (the dequantized weight) and DoRA (B·A and W + s·BA) that glibc keeps
+  resident after they are freed (``freed_temporary_bytes``).
 
-The peak is weights + gradients + optimizer states + overhead + activations + loss chunk: at the first step
-the optimizer states appear only after the backward, so this over-counts that step and is exact from the
-second on.
+The peak is the sum of the terms: at the first step the optimizer states appear only after the backward, so
+this over-counts that step and is exact from the second on. Loading peaks lower (measured: the weights, the
+mapped file and the wrap's temporaries, without activations, loss chunk, gradients and optimizer states).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -44,6 +52,9 @@ GIB = 2**30
 # context itself is already outside mem_get_info's free memory once this process has touched the device).
 CUDA_OVERHEAD = 1 * GIB
 TERMS = ("weights", "gradients", "optimizer_states", "activations", "loss_chunk", "overhead")
+# glibc's largest dynamic mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX, 64-bit): bigger blocks are always mmapped
+# and returned to the OS when freed, smaller ones may be served from the heap once the threshold has risen.
+GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20
 # Where the advice's DeepSpeed configs live (the project's own).
 DEEPSPEED_DIR = "conf/base/deepspeed"
 
@@ -133,8 +144,8 @@ def meta_model(hf, config: TrainConfig):
 
     from .recipe import wrap
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf, dtype=torch.float32)
+    with torch.device("meta"):  # on a copy: from_config(dtype=) writes that dtype into the config it is given
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(hf), dtype=torch.float32)
         return wrap(model, config)
 
 
@@ -399,6 +410,12 @@ def plan_memory(
         "loss_chunk": loss_chunk,
         "overhead": overhead,
     }
+    cpu_parts = {}
+    if placement.device == "cpu":
+        trained_fp32 = not ds and c < 4  # upcast_trainable
+        cpu_parts["mapped_checkpoint"] = mapped_checkpoint_bytes(hf, config, tensors, trained_fp32=trained_fp32)
+        cpu_parts["freed_temporaries"] = freed_temporary_bytes(config, tensors)
+        terms["overhead"] += sum(cpu_parts.values())
     total = sum(terms.values())
     if available is None:
         available = available_memory(placement)
@@ -422,9 +439,67 @@ def plan_memory(
         "optimizer_states": "AdamW exp_avg + exp_avg_sq fp32" + (" + fp32 master" if ds and sixteen else ""),
         "activations": f"{attention}, gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}",
         "loss_chunk": f"{chunk} positions x {vocab:,} vocab",
-        "overhead": "CUDA allocator/workspaces allowance" if placement.device == "cuda" else "this process's RSS now",
+        "overhead": "CUDA allocator/workspaces allowance"
+        if placement.device == "cuda"
+        else f"this process's RSS now {overhead / GIB:.3f} GiB"
+        + "".join(f" + {name.replace('_', ' ')} {size / GIB:.3f} GiB" for name, size in cpu_parts.items()),
     }
     return MemoryPlan(terms, host, total, available, fits, host_available, notes, hf, config, shape, placement)
+
+
+def _checkpoint_tensors(tensors: list[Tensor]) -> list[Tensor]:
+    """The wrapped model's parameters that come from the checkpoint: not adapters, not PEFT's trained copies."""
+    return [t for t in tensors if ".lora_" not in t.name and ".modules_to_save." not in t.name]
+
+
+def mapped_checkpoint_bytes(hf, config: TrainConfig, tensors: list[Tensor], *, trained_fp32: bool) -> int:
+    """Checkpoint bytes of converted weights that stay in the host's RSS (CPU).
+
+    transformers maps the safetensors file and keeps a weight whose dtype it already has as a view of the
+    mapping; one that it converts (bitsandbytes-quantized, or cast to the compute dtype, or the trained ones
+    upcast to float32) is read through the mapping once and copied. The file stays mapped while any view
+    lives, and every page read stays in RSS: measured at the 0.5B shape in float32, QLoRA held the linears'
+    1.37 GiB of float32 source beside their 4-bit copies (the embedding kept it mapped). When every weight is
+    converted (a float32 checkpoint trained in bf16) the mapping is gone after loading: nothing."""
+    import torch
+
+    stored = getattr(hf, "dtype", None) or torch.float32  # what config.json says the checkpoint holds
+    stored = getattr(torch, stored) if isinstance(stored, str) else stored
+    c = compute_dtype(config)
+
+    def converted(t: Tensor) -> bool:
+        held = torch.float32 if t.trainable and trained_fp32 else c  # upcast_trainable's rule
+        return bool(t.quantized) or held != stored
+
+    checkpoint = _checkpoint_tensors(tensors)
+    if all(converted(t) for t in checkpoint):
+        return 0
+    return sum(t.numel for t in checkpoint if converted(t)) * stored.itemsize
+
+
+def freed_temporary_bytes(config: TrainConfig, tensors: list[Tensor]) -> int:
+    """Freed per-module temporaries that glibc keeps in the host's RSS (CPU).
+
+    On CPU, bitsandbytes' 4-bit matmul dequantizes each weight to the compute dtype for every forward (and
+    backward), and DoRA builds B·A and W + s·BA in float32 for each adapted module (in PEFT's weight-norm
+    initialisation and again in every forward). Once glibc has freed one such mmapped block, its dynamic mmap
+    threshold rises to that size (at most 32 MiB), later blocks come from the heap, and the holes they leave
+    between the activations saved around them stay resident. Measured at the 0.5B shape (float32): the
+    peak went down to the other terms with ``MALLOC_MMAP_THRESHOLD_=131072`` (a fixed threshold); with the
+    default it held about one dense weight per adapted module per pass that builds them: QLoRA +0.75 GiB
+    (1.37 GiB of dense linears, counted once: the forward), DoRA +3.4 GiB (counted twice: the weight-norm
+    initialisation and the forward). Weights over 32 MiB are always mmapped and returned, so they count nothing.
+    """
+    if config.finetuning_type == "lora" and config.use_dora:
+        adapted = {t.name.split(".lora_magnitude_vector", 1)[0] for t in tensors if ".lora_magnitude_vector" in t.name}
+        dense = [4 * t.numel for t in tensors if t.name.removesuffix(".base_layer.weight") in adapted]
+        passes = 2
+    elif config.quantization_bit == 4:
+        dense = [compute_dtype(config).itemsize * t.numel for t in tensors if t.quantized == 4]
+        passes = 1
+    else:
+        return 0
+    return passes * sum(size for size in dense if size <= GLIBC_MMAP_THRESHOLD_MAX)
 
 
 def _zero_number(value, auto: int, default: float) -> int:
