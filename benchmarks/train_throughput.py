@@ -29,6 +29,7 @@ Shapes (``--shape``):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -225,19 +226,20 @@ def measure(command: list[str], env: dict | None = None) -> dict:
     return {"ok": status == 0, "output": output, "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
-def measure_ours(args: argparse.Namespace, mode: str, layout: str, model: str) -> dict:
+def measure_ours(args: argparse.Namespace, shape: Shape, mode: str, layout: str, model: str) -> dict:
     command = [sys.executable, __file__, "--shape", args.shape, "--side", f"{mode}:{layout}", "--model", model]
+    command += ["--max-steps", str(shape.max_steps)]
     run = measure(command)
     if not run["ok"]:
         return {"error": run["output"][-3000:]}
     return {**json.loads(run["output"].strip().splitlines()[-1]), "peak_rss_mb": run["peak_rss_mb"]}
 
 
-def measure_llamafactory(args: argparse.Namespace, mode: str, model: str) -> dict:
+def measure_llamafactory(args: argparse.Namespace, shape: Shape, mode: str, model: str) -> dict:
     import yaml
 
     with tempfile.TemporaryDirectory() as out:
-        config = llamafactory_config(SHAPES[args.shape], mode, model, out)
+        config = llamafactory_config(shape, mode, model, out)
         (Path(out) / "train.yaml").write_text(yaml.safe_dump(config))  # its JSON reader is broken in 0.9.5
         env = {**os.environ, "PYTHONPATH": os.environ.get("LLAMAFACTORY_PYTHONPATH", "/tmp/lfstub")}
         run = measure([args.llamafactory_cli, "train", str(Path(out) / "train.yaml")], env)
@@ -249,10 +251,10 @@ def measure_llamafactory(args: argparse.Namespace, mode: str, model: str) -> dic
 
 
 def spread(values: list[float], fmt: str) -> str:
-    """median (min-max), or the one value."""
+    """median (min-max), or the one value when they all print the same."""
     if not values:
         return "-"
-    if len(values) == 1:
+    if format(min(values), fmt) == format(max(values), fmt):
         return format(values[0], fmt)
     return f"{format(statistics.median(values), fmt)} ({format(min(values), fmt)}-{format(max(values), fmt)})"
 
@@ -284,10 +286,13 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--modes", default="all", help=f"comma-separated of {', '.join(MODES)} (default all)")
     parser.add_argument("--repeat", type=int, default=1, help="run everything N times, interleaved")
+    parser.add_argument("--max-steps", type=int, help="optimizer steps per run (default: the shape's)")
     parser.add_argument("--side", help=argparse.SUPPRESS)  # child process: MODE:LAYOUT
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
     shape = SHAPES[args.shape]
+    if args.max_steps:
+        shape = dataclasses.replace(shape, max_steps=args.max_steps)
     if args.side:
         mode, layout = args.side.split(":")
         print(json.dumps(run_ours(shape, mode, layout, args.model)))
@@ -299,17 +304,19 @@ def main() -> None:
     model = str(model_dir(args.shape))
     lengths = [len(x) for x in demo_dataset(shape)["train"]["input_ids"]]
     steps, tokens = consumed_tokens(lengths, shape)
+    header = (
+        f"{args.shape} ({model}), batch {shape.batch}, cutoff {shape.cutoff_len}, {steps} steps, "
+        f"{len(lengths)} conversations, {tokens:,} non-padding tokens consumed per run, float32, CPU; "
+        "median (range) over the runs so far, interleaved\n"
+        "ours/theirs: against LLaMA-Factory 0.9.5's unpacked run of the same mode and repeat (no padding-free there)"
+    )
+    sides = ["ours unpacked", "LLaMA-Factory unpacked", "ours padding-free"]
+    sides = sides if args.llamafactory_cli else [s for s in sides if s.startswith("ours")]
     runs: dict[tuple[str, str], list[dict]] = {}
     for repeat in range(args.repeat):
         for mode in modes:
-            sides = [("ours unpacked", "unpacked"), ("LLaMA-Factory unpacked", None), ("ours padding-free", "pf")]
-            for side, layout in sides:
-                if layout is None:
-                    if not args.llamafactory_cli:
-                        continue
-                    result = measure_llamafactory(args, mode, model)
-                else:
-                    result = measure_ours(args, mode, "padding_free" if layout == "pf" else "unpacked", model)
+            for side in sides:
+                result = measure_side(args, shape, mode, side, model)
                 if "error" not in result and result["steps"] != steps:
                     result = {"error": f"{result['steps']} steps run, {steps} expected"}
                 runs.setdefault((mode, side), []).append(result)
@@ -319,17 +326,19 @@ def main() -> None:
                     else f"{tokens / result['seconds']:,.1f} tokens/s, {result['seconds']:.2f} s, "
                     f"loss {result['loss']:.4f}, peak RSS {result['peak_rss_mb']:,.0f} MB"
                 )
-                print(f"[{time.perf_counter() - started:7.1f} s] run {repeat + 1}/{args.repeat} {mode} {side}: {done}")
+                load = os.getloadavg()[0]  # a busy machine explains outliers
+                elapsed = time.perf_counter() - started
+                print(f"[{elapsed:7.1f} s, load {load:.1f}] run {repeat + 1}/{args.repeat} {mode} {side}: {done}")
                 sys.stdout.flush()
-    print()
-    print(
-        f"{args.shape} ({model}), batch {shape.batch}, cutoff {shape.cutoff_len}, {steps} steps, "
-        f"{len(lengths)} conversations, {tokens:,} non-padding tokens consumed per run, float32, CPU, "
-        f"{args.repeat} run(s) each, interleaved; median (range)"
-    )
-    print("ours/theirs: against LLaMA-Factory 0.9.5's unpacked run of the same mode and repeat (no padding-free there)")
-    print("\n".join(report(runs, tokens)))
-    print(f"total {time.perf_counter() - started:.0f} s")
+        # the table after every round: a long run cut short still leaves one
+        print(f"\nafter {repeat + 1} of {args.repeat} round(s), {time.perf_counter() - started:.0f} s: {header}")
+        print("\n".join(report(runs, tokens)) + "\n", flush=True)
+
+
+def measure_side(args: argparse.Namespace, shape: Shape, mode: str, side: str, model: str) -> dict:
+    if side.startswith("LLaMA-Factory"):
+        return measure_llamafactory(args, shape, mode, model)
+    return measure_ours(args, shape, mode, "padding_free" if side.endswith("padding-free") else "unpacked", model)
 
 
 if __name__ == "__main__":
