@@ -193,7 +193,7 @@ def test_every_rank_can_be_made_to_call_the_head_equally_often(trained):
     head.calls = []
     hidden = torch.randn(1, 21, 8, requires_grad=True)
     labels = torch.randint(0, 32, (1, 21))
-    labels[0, :4] = -100  # 16 labelled next tokens: 2 chunks of 8
+    labels[0, :5] = -100  # 16 labelled next tokens (positions 5..20): 2 chunks of 8
     plain = token_mean_loss(head, hidden, labels, chunk_rows=8)
     assert head.calls == [8, 8]
     head.calls = []
