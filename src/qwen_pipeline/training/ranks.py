@@ -94,8 +94,12 @@ def _close_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     from accelerate.state import AcceleratorState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's singletons hold the old group
+    # transformers' global DeepSpeed config outlives the run while anything holds the Trainer's arguments: a later
+    # from_pretrained in this process (merge, evaluate) would build its model under ZeRO-3's zero.Init.
+    unset_hf_deepspeed_config()
     if "deepspeed" in sys.modules:  # so do DeepSpeed's: its communication layer and its cached groups
         import deepspeed.comm.comm
         from deepspeed.utils import groups
