@@ -67,7 +67,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import gc
 import importlib
 import io
 import itertools
@@ -245,11 +244,10 @@ def time_limit(seconds: float):
 
 
 def free_memory() -> None:
-    import torch
+    """What the train node does after training in-process: collect the Trainer's cycles, empty CUDA's cache."""
+    from qwen_pipeline.training.launcher import release_memory
 
-    gc.collect()  # Trainer and PEFT objects hold the model in reference cycles
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release_memory()
 
 
 def run_row(row: Row, limit_s: float, work: Callable[[Row], None], *, min_s: float = 5.0) -> Row:

@@ -41,38 +41,7 @@ MODES = {
     "full": {"finetuning_type": "full"},
     "freeze": {"finetuning_type": "freeze"},
 }
-QWEN25_05B = {
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-}
 TERMS = ("weights", "gradients", "optimizer_states", "activations")
-
-
-def build_05b(out: Path) -> Path:
-    """Qwen2.5-0.5B's shape with random weights and the project's Qwen2.5 tokenizer, saved in ``out``."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from qwen_pipeline.models import EMBEDDED_MODEL, load_tokenizer
-
-    config = Qwen2Config(
-        vocab_size=151936,
-        tie_word_embeddings=True,
-        rope_theta=1_000_000.0,
-        max_position_embeddings=32768,
-        rms_norm_eps=1e-6,
-        bos_token_id=151643,
-        eos_token_id=151645,
-        dtype="float32",
-        **QWEN25_05B,
-    )
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(out)
-    load_tokenizer(EMBEDDED_MODEL).save_pretrained(out)
-    return out
 
 
 def dataset():
@@ -302,31 +271,25 @@ def main() -> int:
         print("RESULT " + json.dumps(row(model_path, mode, bf16 == "1")), flush=True)
         return 0
 
-    from qwen_pipeline.models import resolve_model_path
+    from train_throughput import model_dir  # the 0.5B model it builds once into the project cache
 
     started = time.perf_counter()
     results = []
-    with tempfile.TemporaryDirectory(prefix="memory-plan-models-") as tmp:
-        paths = {}
-        for shape in args.shapes.split(","):
-            paths[shape] = resolve_model_path("embedded:tiny-qwen2.5") if shape == "tiny" else None
-            if shape == "0.5b":
-                paths[shape] = str(build_05b(Path(tmp) / "qwen2.5-0.5b"))
-        for shape, path in paths.items():
-            for dtype in ("float32", "bfloat16") if args.bf16 else ("float32",):
-                for mode in args.modes.split(","):
-                    command = [sys.executable, __file__, "--row", f"{path},{mode},{int(dtype == 'bfloat16')}"]
-                    done = subprocess.run(
-                        command, capture_output=True, text=True, env=os.environ | {"TQDM_DISABLE": "1"}
-                    )
-                    found = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-                    entry = {"shape": shape, "mode": mode, "dtype": dtype}
-                    if found:
-                        entry |= json.loads(found[-1].removeprefix("RESULT "))
-                    else:
-                        entry["error"] = (done.stderr.strip().splitlines() or ["no output"])[-1]
-                    results.append(entry)
-                    print(f"{shape} {mode} {dtype}: {entry.get('seconds', 'error')} s", file=sys.stderr, flush=True)
+    shapes = {"tiny": "tiny", "0.5b": "qwen2.5-0.5b"}
+    paths = {shape: str(model_dir(shapes[shape])) for shape in args.shapes.split(",")}
+    for shape, path in paths.items():
+        for dtype in ("float32", "bfloat16") if args.bf16 else ("float32",):
+            for mode in args.modes.split(","):
+                command = [sys.executable, __file__, "--row", f"{path},{mode},{int(dtype == 'bfloat16')}"]
+                done = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"TQDM_DISABLE": "1"})
+                found = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+                entry = {"shape": shape, "mode": mode, "dtype": dtype}
+                if found:
+                    entry |= json.loads(found[-1].removeprefix("RESULT "))
+                else:
+                    entry["error"] = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                results.append(entry)
+                print(f"{shape} {mode} {dtype}: {entry.get('seconds', 'error')} s", file=sys.stderr, flush=True)
     print(table(results))
     print(f"\n{len(results)} rows in {time.perf_counter() - started:.0f} s; batch {ROWS} x {LENGTH} tokens, CPU")
     if args.json:

@@ -58,19 +58,6 @@ MODES = {
     "full": {"finetuning_type": "full"},
 }
 LAYOUTS = ("unpacked", "padding_free")
-# The real Qwen2.5-0.5B config.json values (with benchmarks/gpu_check.py's qwen25_config)
-QWEN25_05B = {
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "vocab_size": 151936,
-    "tie_word_embeddings": True,
-    "rope_theta": 1_000_000.0,
-    "max_position_embeddings": 32768,
-    "rms_norm_eps": 1e-6,
-}
 QWEN25_05B_PARAMETERS = 494_032_768
 
 
@@ -153,13 +140,14 @@ def model_dir(shape_name: str) -> Path:
     if (target / "config.json").is_file():
         return target
     import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from gpu_check import qwen25_config  # benchmarks/ is on sys.path: this script's folder
+    from transformers import AutoModelForCausalLM
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
         torch.manual_seed(0)
-        config = Qwen2Config(bos_token_id=151643, eos_token_id=151645, dtype="float32", **QWEN25_05B)
+        config = qwen25_config("0.5B", "float32")  # the real Qwen2.5-0.5B config.json values
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         count = sum(p.numel() for p in model.parameters())
         if count != QWEN25_05B_PARAMETERS:

@@ -101,12 +101,3 @@ def max_relative_logit_diff(reference, got) -> float:
     """max |reference - got| as a share of the largest |reference| logit: float32 rounding grows with
     the logits, so a bound on this (not on the absolute difference) holds on any thread count."""
     return float((reference - got).abs().max() / reference.abs().max())
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now, for a test's own process group."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]

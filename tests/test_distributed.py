@@ -7,7 +7,6 @@ import logging
 import os
 import queue
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from qwen_pipeline.config import ModelConfig, TrainConfig
 from qwen_pipeline.datasets import ModelDataset
 from qwen_pipeline.pipelines.train.nodes import train_model
 from qwen_pipeline.training import launcher
+from qwen_pipeline.training.ranks import free_port
 from qwen_pipeline.training.recipe import data_fingerprint, run_sft
 
 pytestmark = pytest.mark.slow
@@ -40,12 +40,6 @@ def next_message_starting(messages: queue.Queue[str], prefix: str, seconds: floa
         except queue.Empty:
             pass
     raise AssertionError(f"nothing logged starting with {prefix!r} within {seconds} s")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_two_torchrun_processes_hand_the_saved_adapter_to_the_catalog(dataset, tmp_path, monkeypatch):

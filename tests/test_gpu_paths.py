@@ -226,14 +226,12 @@ def test_rank_zero_decides_whether_to_resume_for_every_rank(tmp_path):
     import json
     import multiprocessing
 
-    from helpers import free_port
-
     with_checkpoint, empty = tmp_path / "node0", tmp_path / "node1"
     (with_checkpoint / "checkpoint-2").mkdir(parents=True)
     (with_checkpoint / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"global_step": 2, "max_steps": 4}))
     context = multiprocessing.get_context("spawn")
     out = context.Queue()
-    port = free_port()
+    port = ranks.free_port()
     workers = [
         context.Process(target=_resume_rank, args=(r, port, [str(with_checkpoint), str(empty)], out)) for r in (0, 1)
     ]

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig
+from .recipe import zero_stage
 
 
 def environment_problems(config: TrainConfig, *, cuda: bool | None = None, environ=os.environ) -> list[str]:
@@ -33,7 +34,7 @@ def environment_problems(config: TrainConfig, *, cuda: bool | None = None, envir
             found.append(f"train.deepspeed: no DeepSpeed config at {path}")
         else:
             try:
-                stage = json.loads(path.read_text()).get("zero_optimization", {}).get("stage", 0)
+                stage = zero_stage(config)
             except json.JSONDecodeError as exc:
                 found.append(f"train.deepspeed: {path} is not valid JSON (line {exc.lineno}: {exc.msg})")
                 stage = 0

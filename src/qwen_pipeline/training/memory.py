@@ -44,6 +44,7 @@ from typing import Any
 
 from ..config import TrainConfig
 from ..errors import QwenPipelineError
+from .recipe import compute_dtype, zero_optimization
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +92,8 @@ def placement_for(config: TrainConfig, *, world_size: int, procs_per_node: int, 
     """Where training runs, read from ``config.deepspeed``'s JSON (zero_optimization)."""
     zero: dict[str, Any] = {}
     if config.deepspeed:
-        path = Path(config.deepspeed)
         try:
-            zero = json.loads(path.read_text()).get("zero_optimization") or {}
+            zero = zero_optimization(config)
         except (OSError, ValueError) as error:
             raise MemoryPlanError(f"train.deepspeed={config.deepspeed}: cannot read it ({error})") from error
 
@@ -331,11 +331,6 @@ def _project_placement(config: TrainConfig, placement: Placement, path: str) -> 
         placement, zero_stage=3, deepspeed=True, offload_optimizer=offload, offload_param=offload, zero=zero
     )
 
-
-def compute_dtype(config: TrainConfig):
-    import torch
-
-    return torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else torch.float32
 
 
 def plan_memory(

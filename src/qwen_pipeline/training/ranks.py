@@ -75,7 +75,7 @@ def one_process_group(deepspeed: str | None) -> Iterator[None]:
         WORLD_SIZE="1",
         LOCAL_WORLD_SIZE="1",
         MASTER_ADDR=before["MASTER_ADDR"] or "127.0.0.1",
-        MASTER_PORT=before["MASTER_PORT"] or str(_free_port()),
+        MASTER_PORT=before["MASTER_PORT"] or str(free_port()),
     )
     try:
         yield
@@ -112,7 +112,8 @@ def _close_group() -> None:
                 setattr(groups, name, None)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]

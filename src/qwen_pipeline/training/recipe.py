@@ -44,11 +44,16 @@ def compute_dtype(config: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else torch.float32
 
 
+def zero_optimization(config: TrainConfig) -> dict[str, Any]:
+    """The ``zero_optimization`` block of ``config.deepspeed``'s JSON (empty without DeepSpeed)."""
+    if not config.deepspeed:
+        return {}
+    return json.loads(Path(config.deepspeed).read_text()).get("zero_optimization") or {}
+
+
 def zero_stage(config: TrainConfig) -> int:
     """The ZeRO stage of ``config.deepspeed`` (0 without DeepSpeed)."""
-    if not config.deepspeed:
-        return 0
-    return int(json.loads(Path(config.deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0))
+    return int(zero_optimization(config).get("stage", 0))
 
 
 def load_kwargs(model_config: ModelConfig, config: TrainConfig, *, cuda: bool) -> dict[str, Any]:
