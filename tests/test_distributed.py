@@ -261,8 +261,9 @@ def test_zero3_builds_the_model_partitioned_in_every_process(tmp_path):
     """Under ZeRO-3 the recipe creates its TrainingArguments (the live DeepSpeed config) before loading, so
     transformers builds the model partitioned (zero.Init): each of 2 processes holds half the weights, and a GPU
     never receives the whole model. (Loaded the other way round, each process builds all of it and DeepSpeed
-    partitions it only after moving it to the device.) The resident memory of the load is recorded, not asserted:
-    on CPU, transformers 5.24's ZeRO-3 loading peaks above one full copy on rank 0 (see the README)."""
+    partitions it only after moving it to the device.) While loading, the memory each process owns stays near the
+    half it keeps (the layers gathered on the CPU are handed back to the OS: ``return_freed_host_memory``); rank 0
+    also maps the checkpoint, whose pages are the OS's file cache, shared and not multiplied by the ranks."""
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
@@ -292,7 +293,12 @@ def test_zero3_builds_the_model_partitioned_in_every_process(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["weights_held"] for r in ranks] == [pytest.approx(full / 2, rel=0.01)] * 2
+    owned = [r["grown"]["RssAnon"] / full for r in ranks]
     logging.getLogger(__name__).info(
-        "ZeRO-3 load, resident memory grown per rank / full copy: %s",
-        [round((r["peak_rss"] - r["rss_before"]) / full, 2) for r in ranks],
+        "ZeRO-3 load, peak growth per rank / one full copy: %s",
+        [{kind: round(grown / full, 2) for kind, grown in r["grown"].items()} for r in ranks],
     )
+    # Measured 0.53 on each rank (it was 1.02 on rank 0 with glibc's dynamic threshold); the rest of 0.6 is room
+    # for a gathered layer (4% of the model here) and allocator rounding.
+    assert max(owned) < 0.6, owned
+    assert ranks[1]["grown"]["RssFile"] < 0.05 * full  # only rank 0 reads the checkpoint's values

@@ -332,7 +332,6 @@ def _project_placement(config: TrainConfig, placement: Placement, path: str) -> 
     )
 
 
-
 def plan_memory(
     model_dir_or_hf_config,
     config: TrainConfig,
