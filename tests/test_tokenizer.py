@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 
 import pytest
 
@@ -159,3 +160,29 @@ def test_unknown_embedded_name_is_refused(name):
 
     with pytest.raises(ValueError, match="unknown embedded model"):
         resolve_model_path(name)
+
+
+def test_every_tokenizer_file_is_in_the_fingerprint_and_the_merged_model(tmp_path):
+    """The files AutoTokenizer reads for ids and the chat template: editing any of them (chat_template.json
+    included, which the fingerprint used to miss) makes format re-tokenize, and a merged model carries each."""
+    import torch
+
+    from qwen_pipeline.merging import write_model_files
+    from qwen_pipeline.models import ensure_embedded_model, tokenizer_fingerprint
+
+    read_by_autotokenizer = (
+        *("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"),
+        *("vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json"),
+    )
+    folder = tmp_path / "model"
+    shutil.copytree(ensure_embedded_model(), folder)
+    seen = [tokenizer_fingerprint(str(folder))]
+    for name in read_by_autotokenizer:
+        path = folder / name
+        path.write_text(path.read_text() + " " if path.is_file() else "{}")
+        seen.append(tokenizer_fingerprint(str(folder)))
+    assert len(set(seen)) == len(seen), [n for n, a, b in zip(read_by_autotokenizer, seen, seen[1:]) if a == b]
+    out = tmp_path / "merged"
+    out.mkdir()
+    write_model_files(out, folder, folder, torch.float32)
+    assert all((out / name).read_bytes() == (folder / name).read_bytes() for name in read_by_autotokenizer)

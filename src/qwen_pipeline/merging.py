@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .models import TOKENIZER_FILES
+
 logger = logging.getLogger(__name__)
 
 SAFETENSORS_DTYPES = {
@@ -433,19 +435,6 @@ def export_dtype(name: str, weights_dir: Path, base: Mapping[str, TensorSpec]) -
         return getattr(torch, declared)
     stored = [s.dtype for s in base.values() if s.dtype.is_floating_point]
     return stored[0] if stored else torch.float32
-
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-)
 
 
 def special_token_ids(tokenizer_dir: Path) -> dict[str, int | None]:

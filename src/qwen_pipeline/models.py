@@ -203,7 +203,8 @@ def load_tokenizer(model_name_or_path: str, *, trust_remote_code: bool = False, 
     return tokenizer
 
 
-# What decides a tokenizer's ids (and the chat template it carries), by file name.
+# What decides a tokenizer's ids and the chat template it carries, by file name: hashed into the tokenized
+# data's fingerprint (``tokenizer_fingerprint``) and copied beside a merged model (``merging``).
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -213,6 +214,7 @@ TOKENIZER_FILES = (
     "merges.txt",
     "tokenizer.model",
     "chat_template.jinja",
+    "chat_template.json",
 )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from kedro.framework.project import find_pipelines
 from kedro.pipeline import Pipeline
 
-STAGES = ("ingest", "validate", "format", "train", "merge", "evaluate")
+STAGES = ("ingest", "validate", "format", "train", "merge", "evaluate")  # in run order, the one list of them
 
 
 def register_pipelines() -> dict[str, Pipeline]:

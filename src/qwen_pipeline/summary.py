@@ -12,6 +12,8 @@ from typing import Any
 
 from kedro.framework.hooks import hook_impl
 
+from .pipeline_registry import STAGES
+
 logger = logging.getLogger(__name__)
 
 # The pipeline to run after a run whose last stage is the key.
@@ -23,7 +25,6 @@ NEXT = {
     "validate": "kedro run --pipelines format",
     "ingest": "kedro run --pipelines validate",
 }
-STAGE_ORDER = ("ingest", "validate", "format", "train", "merge", "evaluate")
 
 
 class RunSummaryHook:
@@ -117,7 +118,7 @@ def summary_lines(outputs: set[str], catalog, seconds: float) -> list[str]:
         if registered := report["finetuned"].get("registered_model"):
             lines.append(f"evaluated: {registered['model_uri']} (the metrics are on that model version too)")
     if stages:
-        last = max(stages, key=STAGE_ORDER.index)
+        last = max(stages, key=STAGES.index)
         lines.append(f"next: {NEXT[last]}")
     return lines
 

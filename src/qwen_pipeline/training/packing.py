@@ -33,7 +33,8 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset
 
-IGNORE_INDEX = -100
+from ..template import IGNORE_INDEX
+
 BATCH_TOKENS = 1 << 22  # at most this many tokens per written Arrow batch: pack()'s working memory
 
 

@@ -24,7 +24,7 @@ from datasets import DatasetDict
 
 from ..config import ModelConfig, TrainConfig
 from ..models import load_tokenizer
-from .packing import FlatCollator, labelled_tokens, pack, padding_share, row_lengths
+from .packing import IGNORE_INDEX, FlatCollator, labelled_tokens, pack, padding_share, row_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -352,7 +352,7 @@ def _run_sft(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfi
         collator = FlatCollator(attention=model.config._attn_implementation)
         model.config.use_cache = False  # packed-sequence masks are built only without a KV cache
     else:
-        collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
+        collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
     batching["padding_share"] = padding_share(train_set, config.per_device_train_batch_size, flat)
     logger.info(
         "Batching: %s", ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in batching.items())
