@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import pandas as pd
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
@@ -135,7 +134,7 @@ def test_evaluate_nodes_and_the_comparison(merged, validation, tokenizer):
     assert list(table["metric"]) == ["eval_loss", "perplexity", "bleu-4", "rouge-1", "rouge-2", "rouge-l"]
     loss = table.set_index("metric").loc["eval_loss"]
     assert loss["change"] == pytest.approx(tuned["eval_loss"] - base["eval_loss"])
-    assert loss["better"] == ("finetuned" if tuned["eval_loss"] < base["eval_loss"] else "base")
+    assert (loss["base"], loss["finetuned"]) == (base["eval_loss"], tuned["eval_loss"])  # "better": the test below
     assert metrics["model"] == tuned["registered_model"] == version  # the model version evaluated
     assert merged.registration is None  # a model not registered: no version to attach the metrics to
     assert metrics["metrics"]["finetuned.eval_loss"] == tuned["eval_loss"]
@@ -157,4 +156,3 @@ def test_base_evaluation_can_be_switched_off_and_a_missing_split_is_named(merged
     assert result == {} and predictions.empty and list(predictions.columns) == ["prompt", "predict", "label"]
     with pytest.raises(DataError, match="no validation split: set format.val_size above 0"):
         evaluate_finetuned(merged, DatasetDict({"train": validation}), {})
-    assert isinstance(predictions, pd.DataFrame)
