@@ -61,3 +61,32 @@ def test_sqlite_database_names_the_file_behind_the_uri(tmp_path):
     assert sqlite_database("sqlite:///mlflow.db", tmp_path) == tmp_path / "mlflow.db"
     assert sqlite_database("sqlite:////abs/store.db?timeout=5", tmp_path) == Path("/abs/store.db")
     assert sqlite_database("http://mlflow:5000", tmp_path) is None and sqlite_database(None, tmp_path) is None
+
+
+def test_an_mlflow_run_is_named_after_its_stages_in_run_order(tmp_path, model_cache):
+    """Kedro passes `--pipelines` through a set, so the order of the names kedro-mlflow joins into the run name
+    followed the hash seed. With a seed that orders the set validate-first, the run is still "ingest+validate"."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import copy_project
+    from mlflow.tracking import MlflowClient
+
+    def set_order(seed: int) -> str:
+        code = "print(list(set(['ingest', 'validate'])))"
+        env = {**os.environ, "PYTHONHASHSEED": str(seed)}
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout
+
+    seed = next(seed for seed in range(1, 100) if set_order(seed).startswith("['validate'"))
+    root = copy_project(tmp_path / "project")
+    env = {
+        **os.environ, "PYTHONHASHSEED": str(seed), "QWEN_PIPELINE_CACHE": str(model_cache),
+        "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "200",
+    }  # fmt: skip
+    command = [sys.executable, "-m", "kedro", "run", "--pipelines", "ingest,validate"]
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("qwen_pipeline").experiment_id])
+    assert [run.info.run_name for run in runs] == ["ingest+validate"]

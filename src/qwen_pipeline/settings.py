@@ -6,7 +6,7 @@ from .errors import UserErrorHook
 from .quiet import LoggerLevelsHook
 from .stale import StaleOutputsHook
 from .summary import RunSummaryHook
-from .tracking import PortableArtifactsHook
+from .tracking import PortableArtifactsHook, RunNameHook
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
@@ -21,5 +21,13 @@ CONFIG_LOADER_ARGS = {
 # ends well ends with its summary (MLflow run, outputs, counts, what to run next). A local MLflow store
 # keeps its artifact locations relative to the project, so the project can be moved. Loggers keep the
 # levels conf/logging.yml gives them, whatever the plugins set when they load. A run that fails marks
-# the stage outputs it did not remake as stale, so none of them is later read as current.
-HOOKS = (UserErrorHook(), RunSummaryHook(), PortableArtifactsHook(), LoggerLevelsHook(), StaleOutputsHook())
+# the stage outputs it did not remake as stale, so none of them is later read as current. MLflow runs are
+# named after their stages in run order.
+HOOKS = (
+    UserErrorHook(),
+    RunSummaryHook(),
+    PortableArtifactsHook(),
+    LoggerLevelsHook(),
+    StaleOutputsHook(),
+    RunNameHook(),
+)

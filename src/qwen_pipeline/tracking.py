@@ -76,6 +76,21 @@ class PortableArtifactsHook:
             logger.info("MLflow store %s: %d artifact locations made relative to the project", database, changed)
 
 
+class RunNameHook:
+    """kedro-mlflow names a run after its pipelines joined by "+", in the order Kedro passes them, and
+    `kedro run --pipelines a,b` passes them through a set: the same command was named
+    "format+validate+ingest" once and "ingest+format+validate" the next time. Before kedro-mlflow reads them,
+    the stages are put in run order (other pipelines after them, by name)."""
+
+    @hook_impl(tryfirst=True)  # before kedro-mlflow's before_pipeline_run, which starts the MLflow run
+    def before_pipeline_run(self, run_params: dict[str, Any]) -> None:
+        from .pipeline_registry import STAGES
+
+        names = run_params.get("pipeline_names")
+        if isinstance(names, list):
+            names.sort(key=lambda name: (STAGES.index(name) if name in STAGES else len(STAGES), name))
+
+
 def sqlite_database(uri: str | None, project: Path) -> Path | None:
     """The file behind a ``sqlite:///`` tracking URI (a relative one is relative to the project); else None."""
     if not uri or not uri.startswith("sqlite:///"):
