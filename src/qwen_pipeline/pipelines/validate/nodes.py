@@ -15,9 +15,9 @@ from typing import Any
 from datasets import Dataset
 
 from ...config import ProcessingConfig, ValidateConfig, parse_config
-from ...data.checks import KEPT_SCHEMA, CheckResult, ChunkChecker
 from ...data.fingerprint import stage_fingerprint
 from ...data.streaming import map_stage
+from ...data.validation import KEPT_SCHEMA, CheckResult, ChunkChecker
 from ...datasets import StageOutput
 from ...errors import DataError
 
