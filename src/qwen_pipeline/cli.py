@@ -1,9 +1,12 @@
 """`kedro run`, checked first: a bad environment, pipeline name or parameter stops it in one message,
-before any node runs (``preflight.check_run``). Everything else is Kedro's own run command."""
+before any node runs (``preflight.check_run``); an error the user can fix that a node raises (bad data, a run
+that cannot fit) ends it in one message too, not a traceback (``QWEN_PIPELINE_TRACEBACK=1`` keeps the
+traceback). Everything else is Kedro's own run command."""
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import click
@@ -11,7 +14,7 @@ from kedro.framework.cli.project import run as kedro_run
 from kedro.framework.startup import bootstrap_project
 from kedro.utils import find_kedro_project
 
-from .errors import QwenPipelineError
+from .errors import QwenPipelineError, user_error
 from .preflight import check_run
 
 logger = logging.getLogger(__name__)
@@ -41,7 +44,13 @@ def _checked_run(**kwargs):
         raise click.ClickException(str(exc)) from None
     for warning in warnings:
         logger.warning("%s", warning)
-    return kedro_run.callback(**kwargs)
+    try:
+        return kedro_run.callback(**kwargs)
+    except Exception as exc:
+        found = user_error(exc)  # a node's QwenPipelineError, maybe wrapped by Kedro's dataset or runner errors
+        if found is None or os.environ.get("QWEN_PIPELINE_TRACEBACK"):
+            raise
+        raise click.ClickException(f"{found}\n(set QWEN_PIPELINE_TRACEBACK=1 to see the full traceback)") from None
 
 
 run = click.Command(

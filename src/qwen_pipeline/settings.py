@@ -2,7 +2,6 @@
 
 from kedro.config import OmegaConfigLoader
 
-from .errors import UserErrorHook
 from .quiet import LoggerLevelsHook
 from .stale import StaleOutputsHook
 from .summary import RunSummaryHook
@@ -17,14 +16,13 @@ CONFIG_LOADER_ARGS = {
     "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**"]},
 }
 
-# Data and configuration errors print as one message naming the file, record and field; a run that
-# ends well ends with its summary (MLflow run, outputs, counts, what to run next). A local MLflow store
+# (Data and configuration errors print as one message naming the file, record and field: cli.py.) A run
+# that ends well ends with its summary (MLflow run, outputs, counts, what to run next). A local MLflow store
 # keeps its artifact locations relative to the project, so the project can be moved. Loggers keep the
 # levels conf/logging.yml gives them, whatever the plugins set when they load. A run that fails marks
 # the stage outputs it did not remake as stale, so none of them is later read as current. MLflow runs are
 # named after their stages in run order.
 HOOKS = (
-    UserErrorHook(),
     RunSummaryHook(),
     PortableArtifactsHook(),
     LoggerLevelsHook(),
