@@ -67,7 +67,7 @@ def test_bf16_mixed_precision_trains_float32_weights_and_states(mode, dataset, t
     upcast = recipe.upcast_trainable
     monkeypatch.setattr(
         recipe, "upcast_trainable", lambda model, config: (remember(model, config), upcast(model, config))
-    )  # noqa: E501
+    )
     params = {"finetuning_type": mode, "bf16": True, "learning_rate": 1e-5, "freeze_trainable_layers": 1}
     result, trainer = one_step(dataset, tmp_path, monkeypatch, **params)
     model = result.model

@@ -16,6 +16,8 @@ from urllib.parse import unquote, urlparse
 
 from kedro.framework.hooks import hook_impl
 
+from .pipeline_registry import STAGES
+
 logger = logging.getLogger(__name__)
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
@@ -84,8 +86,6 @@ class RunNameHook:
 
     @hook_impl(tryfirst=True)  # before kedro-mlflow's before_pipeline_run, which starts the MLflow run
     def before_pipeline_run(self, run_params: dict[str, Any]) -> None:
-        from .pipeline_registry import STAGES
-
         names = run_params.get("pipeline_names")
         if isinstance(names, list):
             names.sort(key=lambda name: (STAGES.index(name) if name in STAGES else len(STAGES), name))
