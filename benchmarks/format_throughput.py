@@ -101,7 +101,8 @@ def write_data(folder: Path, n: int) -> list[str]:
 
 def stages(dataset_dir: str, datasets: list[str], format_params: dict):
     """ingest -> validate -> format, one process, as the nodes run them (no previous run to reuse)."""
-    from qwen_pipeline.datasets import DatasetInfoDataset
+    from qwen_pipeline.config import ModelConfig
+    from qwen_pipeline.datasets import BaseModel, DatasetInfoDataset
     from qwen_pipeline.models import EMBEDDED_MODEL
     from qwen_pipeline.pipelines.format.nodes import tokenize_conversations
     from qwen_pipeline.pipelines.ingest.nodes import ingest_datasets
@@ -113,8 +114,8 @@ def stages(dataset_dir: str, datasets: list[str], format_params: dict):
     kept, _, _, _ = validate_conversations(records.data, None, {}, processing)
     if format_params is None:
         return kept.data
-    model = {"model_name_or_path": EMBEDDED_MODEL}
-    splits, report, _ = tokenize_conversations(kept.data, None, model, format_params, processing)
+    base = BaseModel(ModelConfig(EMBEDDED_MODEL))
+    splits, report, _ = tokenize_conversations(kept.data, None, base, format_params, processing)
     return splits.data, report
 
 

@@ -54,11 +54,11 @@ def validate(records: list[dict], params: dict, **processing):
 
 def tokenize(conversations: list[dict], params: dict, **processing):
     """The format node on the embedded model's tokenizer, without a previous run: splits, report, dropped."""
-    from qwen_pipeline.models import EMBEDDED_MODEL
     from qwen_pipeline.pipelines.format.nodes import tokenize_conversations
 
-    model = {"model_name_or_path": EMBEDDED_MODEL}
-    out, report, dropped = tokenize_conversations(conversation_rows(conversations), None, model, params, processing)
+    out, report, dropped = tokenize_conversations(
+        conversation_rows(conversations), None, base_model_of(), params, processing
+    )
     return out.data, report, dropped
 
 
@@ -101,3 +101,11 @@ def max_relative_logit_diff(reference, got) -> float:
     """max |reference - got| as a share of the largest |reference| logit: float32 rounding grows with
     the logits, so a bound on this (not on the absolute difference) holds on any thread count."""
     return float((reference - got).abs().max() / reference.abs().max())
+
+
+def base_model_of(name: str = "embedded:tiny-qwen2.5"):
+    """What the base_model dataset loads for this model (default: the embedded one, the catalog's default)."""
+    from qwen_pipeline.config import ModelConfig
+    from qwen_pipeline.datasets import BaseModel
+
+    return BaseModel(ModelConfig(name))

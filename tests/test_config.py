@@ -23,7 +23,6 @@ from qwen_pipeline.settings import CONFIG_LOADER_ARGS
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SECTIONS = {
-    "model": ModelConfig,
     "ingest": IngestConfig,
     "validate": ValidateConfig,
     "processing": ProcessingConfig,
@@ -40,6 +39,25 @@ def test_every_shipped_parameters_file_loads_into_its_config():
     assert set(params) == set(SECTIONS)
     for section, cls in SECTIONS.items():
         assert isinstance(parse_config(cls, params[section], section), cls)
+
+
+@pytest.mark.parametrize(
+    ("env", "runtime", "expected"),
+    [
+        ("local", {}, "embedded:tiny-qwen2.5"),
+        ("qwen2.5-0.5b", {}, "Qwen/Qwen2.5-0.5B-Instruct"),
+        ("qwen2.5-0.5b", {"model": {"model_name_or_path": "/models/q"}}, "/models/q"),
+    ],
+)
+def test_the_base_model_is_a_catalog_dataset_set_in_globals_or_for_one_run(env, runtime, expected):
+    from kedro.io import DataCatalog
+
+    loader = OmegaConfigLoader(str(CONF), env=env, runtime_params=runtime, **CONFIG_LOADER_ARGS)
+    entry = loader["catalog"]["base_model"]
+    assert entry["model_name_or_path"] == expected
+    assert (entry["trust_remote_code"], entry["use_fast_tokenizer"]) == (False, True)  # base's, kept by the env
+    base = DataCatalog.from_config({"base_model": entry}).load("base_model")
+    assert base.settings == ModelConfig(expected, trust_remote_code=False, use_fast_tokenizer=True)
 
 
 def test_all_problems_are_collected_and_named():
@@ -76,10 +94,9 @@ def test_configs_are_frozen():
 def test_real_model_env_overrides_only_its_keys():
     loader = OmegaConfigLoader(str(CONF), **{**CONFIG_LOADER_ARGS, "default_run_env": "qwen2.5-0.5b"})
     params = loader["parameters"]
-    assert params["model"]["model_name_or_path"] == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert "model" not in params  # the base model is a dataset: globals.yml (test above)
     assert params["train"]["learning_rate"] == 1e-4
     assert params["train"]["lora_rank"] == 8  # kept from base
-    assert params["model"]["trust_remote_code"] is False
     parse_config(TrainConfig, params["train"], "train")
 
 

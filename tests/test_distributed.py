@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import demo_sft_dataset, stage_output
+from helpers import base_model_of, demo_sft_dataset, stage_output
 
 from qwen_pipeline.config import ModelConfig, TrainConfig
 from qwen_pipeline.datasets import ModelDataset
@@ -68,7 +68,7 @@ def test_two_torchrun_processes_hand_the_saved_adapter_to_the_catalog(dataset, t
         "logging_steps": 1,
         "output_dir": str(tmp_path / "checkpoints"),
     }
-    files, history, summary, _, _ = train_model(stage_output(dataset, cutoff_len=128), {}, params)
+    files, history, summary, _, _ = train_model(stage_output(dataset, cutoff_len=128), base_model_of(), params)
     assert [int(entry["step"]) for entry in history] == [1, 2, 3, 4]
     assert files.path.parent == tmp_path / "checkpoints"  # staged beside the checkpoints: moving it is a rename
     trained = tmp_path / "06_models" / "trained"

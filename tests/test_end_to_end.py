@@ -270,6 +270,11 @@ def test_viz_build_shows_the_lineage(project, model_cache):
         "eval_comparison",
     ]
     assert all(step in edges for step in zip(chain, chain[1:])), set(zip(chain, chain[1:])) - edges
+    # The base model is a dataset feeding the four stages that use it: base -> trained -> merged -> evaluation.
+    fed = {target for source, target in edges if source == "base_model"}
+    assert fed == {"tokenize_conversations_node", "train_model_node", "merge_adapter_node", "evaluate_base_node"}
+    (base,) = [n for n in graph["nodes"] if n["name"] == "base_model"]
+    assert (base["type"], base["layer"]) == ("data", "raw")
     layers = ["raw", "intermediate", "primary", "models", "model_output", "reporting"]
     assert graph["layers"] == layers  # enabled: no dataset of a later layer feeds an earlier one
     for path in sorted((root / "build/api/pipelines").iterdir()):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
-from helpers import demo_examples
+from helpers import base_model_of, demo_examples
 
 from qwen_pipeline.config import EvaluateConfig
 from qwen_pipeline.datasets import ModelBundle, ModelDataset, ModelFiles
@@ -120,7 +120,7 @@ def test_evaluate_nodes_and_the_comparison(merged, validation, tokenizer):
     version = {"registered_model_name": "qwen_pipeline_merged", "version": "3", "model_id": "m-1"}
     registered = ModelFiles(path=merged.path, manifest={**merged.manifest, "mlflow_model": version})
     tuned, predictions = evaluate_finetuned(registered, data, params)
-    base, base_predictions = evaluate_base(merged, data, params)
+    base, base_predictions = evaluate_base(base_model_of(), merged, data, params)
     assert list(predictions.columns) == ["prompt", "predict", "label"] and len(predictions) == 3
     assert list(predictions["prompt"]) == list(base_predictions["prompt"])
     first = split_prompt_answer(validation[0]["input_ids"], validation[0]["labels"])
@@ -152,7 +152,9 @@ def test_better_means_lower_loss_and_higher_scores():
 
 
 def test_base_evaluation_can_be_switched_off_and_a_missing_split_is_named(merged, validation):
-    result, predictions = evaluate_base(merged, DatasetDict({"validation": validation}), {"compare_base": False})
+    result, predictions = evaluate_base(
+        base_model_of(), merged, DatasetDict({"validation": validation}), {"compare_base": False}
+    )
     assert result == {} and predictions.empty and list(predictions.columns) == ["prompt", "predict", "label"]
     with pytest.raises(DataError, match="no validation split: set format.val_size above 0"):
         evaluate_finetuned(merged, DatasetDict({"train": validation}), {})

@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
-from helpers import max_relative_logit_diff
+from helpers import base_model_of, max_relative_logit_diff
 
 from qwen_pipeline.config import ModelConfig, TrainConfig
 from qwen_pipeline.training.checks import environment_problems
@@ -61,7 +61,7 @@ def test_merge_on_the_gpu_matches_base_plus_adapter(tmp_path):
     trained = ModelDataset(filepath=str(tmp_path / "trained"), lazy=True)
     trained.save(ModelBundle(model=adapter, tokenizer=load_tokenizer(EMBEDDED_MODEL), base_model=EMBEDDED_MODEL))
     params = {"export_device": "cuda"}
-    staged = merge_adapter(trained.load(), params)
+    staged = merge_adapter(trained.load(), base_model_of(), params)
     report = check_merged_model(staged, params)
     assert report["export_device"] == "cuda" and report["check"]["passed"]
     ModelDataset(filepath=str(tmp_path / "merged"), lazy=True).save(publish_merged_model(staged, report))

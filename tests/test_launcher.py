@@ -110,13 +110,15 @@ TOKENIZER = ["chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]
 )
 def test_one_process_also_hands_a_saved_folder_to_the_catalog(finetuning_type, kind, model_files, tokenizer, tmp_path):
     """In-process training saves like rank 0 does, so the train node has one path: files, then a move."""
-    from helpers import demo_sft_dataset, stage_output
+    from helpers import base_model_of, demo_sft_dataset, stage_output
 
     from qwen_pipeline.datasets import ModelDataset
     from qwen_pipeline.pipelines.train.nodes import train_model
 
     params = {"finetuning_type": finetuning_type, "max_steps": 1, "output_dir": str(tmp_path / "checkpoints")}
-    files, *_ = train_model(stage_output(demo_sft_dataset(tokenizer, max_samples=4), cutoff_len=128), {}, params)
+    files, *_ = train_model(
+        stage_output(demo_sft_dataset(tokenizer, max_samples=4), cutoff_len=128), base_model_of(), params
+    )
     assert files.kind == kind and files.path.parent == tmp_path / "checkpoints"
     trained = tmp_path / "trained"
     ModelDataset(filepath=str(trained), lazy=True).save(files)

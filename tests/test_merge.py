@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import demo_sft_dataset, max_relative_logit_diff
+from helpers import base_model_of, demo_sft_dataset, max_relative_logit_diff
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 
 from qwen_pipeline import merging
 from qwen_pipeline.config import ConfigError
 from qwen_pipeline.datasets import ModelBundle, ModelDataset
+from qwen_pipeline.datasets.base_model import BaseModelMismatchError
 from qwen_pipeline.models import EMBEDDED_MODEL, load_causal_lm
 from qwen_pipeline.pipelines.merge.nodes import (
     MergeCheckError,
@@ -54,7 +55,7 @@ def random_adapter(seed: int = 0, **lora) -> PeftModel:
 
 
 def merge(trained, root: Path, **params):
-    staged = merge_adapter(trained, params)
+    staged = merge_adapter(trained, base_model_of(trained.base_model), params)
     report = check_merged_model(staged, params)
     ModelDataset(filepath=str(root / "merged"), lazy=True).save(publish_merged_model(staged, report))
     return report
@@ -183,7 +184,7 @@ def test_check_tolerance_follows_large_logits_and_still_refuses_a_wrong_merge(tm
         if "lora_B" in name:
             torch.nn.init.normal_(weight, std=1.0)
     trained = save_trained(tmp_path, adapter, tokenizer, base_model=str(base))
-    staged = merge_adapter(trained, {})
+    staged = merge_adapter(trained, base_model_of(str(base)), {})
     check = check_merged_model(staged, {})["check"]
     assert check["passed"] and 1e-4 < check["max_abs_logit_diff"] <= check["tolerance"] / 3
     assert check["tolerance"] > 0.02  # 0.1% of the largest |logit|, here above 20
@@ -200,7 +201,7 @@ def test_check_tolerance_follows_large_logits_and_still_refuses_a_wrong_merge(tm
 
 def test_failed_check_fails_and_publishes_nothing(tmp_path, tokenizer):
     trained = save_trained(tmp_path, random_adapter(), tokenizer)
-    staged = merge_adapter(trained, {})
+    staged = merge_adapter(trained, base_model_of(), {})
     report = check_merged_model(staged, {"check_tolerance": 1e-12})
     assert not report["check"]["passed"] and report["check"]["max_abs_logit_diff"] > 1e-12
     with pytest.raises(MergeCheckError, match=r"max \|logit diff\| .* > tolerance 1e-12.*nothing was published"):
@@ -224,7 +225,7 @@ def test_interrupted_merge_leaves_nothing_that_looks_complete(tmp_path, tokenize
 
     monkeypatch.setattr(merging, "_write_safetensors", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        merge_adapter(trained, {"export_size": 0.02})
+        merge_adapter(trained, base_model_of(), {"export_size": 0.02})
     assert written and not written[0].exists()  # the staging directory is gone with its first shard
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "trained"]
     assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == before  # the earlier merge untouched
@@ -232,7 +233,7 @@ def test_interrupted_merge_leaves_nothing_that_looks_complete(tmp_path, tokenize
     stale = tmp_path / ".merge-staging-killed"
     stale.mkdir()
     monkeypatch.setattr(merging, "_write_safetensors", real_write)
-    staged = merge_adapter(trained, {})
+    staged = merge_adapter(trained, base_model_of(), {})
     assert not stale.exists() and staged.path.parent == tmp_path
 
 
@@ -277,13 +278,30 @@ def test_exported_model_generates_and_stops_at_im_end(tmp_path, tokenizer, embed
     assert len(merged.generate(prompt, max_new_tokens=20)[0, prompt.shape[1] :]) == 20  # never stops
 
 
+def test_an_adapter_merges_only_into_the_base_it_was_trained_on(tmp_path, tokenizer, embedded_dir):
+    trained = save_trained(tmp_path, random_adapter(), tokenizer)
+    other = tmp_path / "other-base"
+    with pytest.raises(BaseModelMismatchError) as error:
+        merge_adapter(trained, base_model_of(str(other)), {})
+    assert str(error.value) == (
+        f"the adapter in {trained.path} was made from base model 'embedded:tiny-qwen2.5', but base_model is "
+        f"'{other}': run with --params model.model_name_or_path=embedded:tiny-qwen2.5 (or set "
+        "model.model_name_or_path in conf/<env>/globals.yml), or train again from this base"
+    )
+    assert not list(tmp_path.glob("trained/../.merge-staging-*"))  # stopped before anything was written
+    staged = merge_adapter(trained, base_model_of(str(embedded_dir)), {})  # the same model, named by its folder
+    assert staged.manifest["merge"]["weights"] == str(embedded_dir)
+
+
 def test_bad_settings_are_named(tmp_path, tokenizer):
     with pytest.raises(ConfigError) as error:
-        merge_adapter(None, {"export_size": 0, "export_device": "tpu", "method": "fast", "check_texts": []})
+        merge_adapter(
+            None, base_model_of(), {"export_size": 0, "export_device": "tpu", "method": "fast", "check_texts": []}
+        )
     message = str(error.value)
     assert "merge.method: expected one of 'auto', 'streamed', 'in_memory', got 'fast'" in message
     with pytest.raises(ConfigError) as error:
-        merge_adapter(None, {"export_size": 0, "export_device": "tpu", "check_texts": []})
+        merge_adapter(None, base_model_of(), {"export_size": 0, "export_device": "tpu", "check_texts": []})
     assert str(error.value).splitlines()[1:] == [
         "  - merge.export_size: must be positive (GB per shard), got 0",
         "  - merge.export_device: cpu, auto, cuda or cuda:N, got 'tpu'",
@@ -291,12 +309,12 @@ def test_bad_settings_are_named(tmp_path, tokenizer):
     ]
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="export_device: cuda asked for, but this machine has no CUDA device"):
-            merge_adapter(None, {"export_device": "cuda"})
+            merge_adapter(None, base_model_of(), {"export_device": "cuda"})
     trained = save_trained(tmp_path, random_adapter(), tokenizer)
     config = json.loads((trained.path / "adapter_config.json").read_text())
     (trained.path / "adapter_config.json").write_text(json.dumps({**config, "alpha_pattern": {"q_proj": 16}}))
     with pytest.raises(ConfigError, match="streamed is not possible for this adapter: adapter option alpha_pattern"):
-        merge_adapter(trained, {"method": "streamed"})
+        merge_adapter(trained, base_model_of(), {"method": "streamed"})
     report = merge(trained, tmp_path)  # auto falls back to PEFT in memory, and says why
     assert (report["method"], report["why_in_memory"]) == ("in_memory", "adapter option alpha_pattern")
     assert report["check"]["passed"]

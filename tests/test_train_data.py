@@ -15,13 +15,12 @@ import pyarrow as pa
 import pytest
 from datasets import Dataset, DatasetDict
 from datasets.table import InMemoryTable
-from helpers import conversation_rows, copy_project, stage_output, validate
+from helpers import base_model_of, conversation_rows, copy_project, stage_output, validate
 
 from qwen_pipeline.config import FormatConfig, run_problems
 from qwen_pipeline.data.tokenizing import SFT_SCHEMA
 from qwen_pipeline.datasets import StageDataset, StageOutput
 from qwen_pipeline.errors import DataError, DataSourceError
-from qwen_pipeline.models import EMBEDDED_MODEL
 from qwen_pipeline.pipelines.format.nodes import data_settings, tokenize_conversations
 from qwen_pipeline.pipelines.train import nodes
 from qwen_pipeline.pipelines.train.nodes import train_model
@@ -90,7 +89,7 @@ def message(error: pytest.ExceptionInfo) -> str:
 @pytest.mark.parametrize("mode", ["packing", "neat_packing"])
 def test_examples_longer_than_pack_length_stop_the_run_before_anything_loads(nothing_loads, mode):
     with pytest.raises(DataError) as error:
-        train_model(sft([10, 40, 50], [3, 5, 5], cutoff_len=64), {}, {mode: True, "pack_length": 32})
+        train_model(sft([10, 40, 50], [3, 5, 5], cutoff_len=64), base_model_of(), {mode: True, "pack_length": 32})
     assert message(error) == (
         "sft_dataset cannot be trained on: 2 of 3 training examples are longer than train.pack_length=32 "
         "(the longest: 50 tokens; the data was made with cutoff_len=64): packing would cut them. Raise "
@@ -102,7 +101,7 @@ def test_examples_longer_than_pack_length_stop_the_run_before_anything_loads(not
 def test_pack_length_follows_the_data_not_params_format(trained):
     """The issue's run: data made with cutoff_len 64; params:format is not even an input of the node now."""
     data = sft([10, 40, 50], [3, 5, 5], cutoff_len=64)
-    model, history, summary, metrics, _ = train_model(data, {}, {"packing": True, "max_steps": 2})
+    model, history, summary, metrics, _ = train_model(data, base_model_of(), {"packing": True, "max_steps": 2})
     [(dataset, config)] = trained
     assert dataset is data.data  # the splits, as before: the launcher is unchanged
     assert config.pack_length == 64
@@ -114,7 +113,7 @@ def test_pack_length_follows_the_data_not_params_format(trained):
 
 
 def test_without_packing_long_examples_are_no_problem_and_pack_length_is_left_alone(trained):
-    _, _, summary, _, _ = train_model(sft([10, 40, 50], [3, 5, 5], cutoff_len=64), {}, {"pack_length": 32})
+    _, _, summary, _, _ = train_model(sft([10, 40, 50], [3, 5, 5], cutoff_len=64), base_model_of(), {"pack_length": 32})
     [(_, config)] = trained
     assert config.pack_length == 32 and "pack_length" not in summary and summary["data_cutoff_len"] == 64
 
@@ -133,7 +132,7 @@ def test_pack_refuses_to_cut_an_example():
 
 def test_a_train_split_without_a_label_stops_the_run_before_anything_loads(nothing_loads):
     with pytest.raises(DataError) as error:
-        train_model(sft([10, 40], [0, 0], cutoff_len=64, train_on_prompt=False), {}, {})
+        train_model(sft([10, 40], [0, 0], cutoff_len=64, train_on_prompt=False), base_model_of(), {})
     assert message(error) == (
         "sft_dataset cannot be trained on: its train split holds no labelled token (2 examples, 50 tokens, every "
         "label -100): there is nothing to learn. It was made with cutoff_len=64, train_on_prompt=False, "
@@ -144,7 +143,7 @@ def test_a_train_split_without_a_label_stops_the_run_before_anything_loads(nothi
 
 def test_an_empty_train_split_is_training_on_nothing(nothing_loads):
     with pytest.raises(DataError, match=re.escape("no labelled token (0 examples, 0 tokens, every label -100)")):
-        train_model(sft([], [], cutoff_len=64), {}, {"packing": True})
+        train_model(sft([], [], cutoff_len=64), base_model_of(), {"packing": True})
 
 
 # --- (a) no recorded settings, and all problems at once ---------------------------------------------------------
@@ -152,7 +151,7 @@ def test_an_empty_train_split_is_training_on_nothing(nothing_loads):
 
 def test_data_without_recorded_settings_is_refused(nothing_loads):
     with pytest.raises(DataError) as error:
-        train_model(StageOutput(DatasetDict({"train": examples([10], [3])}), "fp"), {}, {"packing": True})
+        train_model(StageOutput(DatasetDict({"train": examples([10], [3])}), "fp"), base_model_of(), {"packing": True})
     assert message(error) == (
         "sft_dataset cannot be trained on: it does not record the cutoff_len and template it was made with (made "
         "by an older version of the format stage): run kedro run --pipelines format"
@@ -162,7 +161,7 @@ def test_data_without_recorded_settings_is_refused(nothing_loads):
 def test_every_data_problem_is_listed_at_once(nothing_loads):
     data = StageOutput(DatasetDict({"train": examples([10, 40], [0, 0])}), "fp")
     with pytest.raises(DataError) as error:
-        train_model(data, {}, {"packing": True, "pack_length": 32})
+        train_model(data, base_model_of(), {"packing": True, "pack_length": 32})
     assert message(error).splitlines() == [
         "sft_dataset cannot be trained on:",
         "  - it does not record the cutoff_len and template it was made with (made by an older version of the "
@@ -180,7 +179,7 @@ def test_every_data_problem_is_listed_at_once(nothing_loads):
 def test_data_without_a_train_split_is_refused(nothing_loads):
     data = stage_output(DatasetDict({"validation": examples([10], [3])}), cutoff_len=64)
     with pytest.raises(DataError) as error:
-        train_model(data, {}, {})
+        train_model(data, base_model_of(), {})
     assert message(error) == "sft_dataset cannot be trained on: it has no train split: run kedro run --pipelines format"
 
 
@@ -215,7 +214,7 @@ def test_settings_round_trip_through_the_stage_dataset(tmp_path, nothing_loads):
     old = StageDataset(path=str(path), stage_output=True).load()
     assert old.settings == {}
     with pytest.raises(DataError, match=re.escape("made by an older version of the format stage")):
-        train_model(old, {}, {})
+        train_model(old, base_model_of(), {})
 
 
 def test_a_missing_or_stale_stage_output_is_the_same_error_with_stage_output(tmp_path):
@@ -235,7 +234,7 @@ def test_format_records_what_the_data_was_made_with_and_a_reuse_keeps_its_own(mo
          "messages": [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"}]}
     ]  # fmt: skip
     conversations = conversation_rows(validate(records, {})[0])
-    model, params, processing = {"model_name_or_path": EMBEDDED_MODEL}, {"cutoff_len": 64, "mask_history": True}, {}
+    model, params, processing = base_model_of(), {"cutoff_len": 64, "mask_history": True}, {}
     out, report, _ = tokenize_conversations(conversations, None, model, params, processing)
     assert out.settings == {**FORMAT_DEFAULTS, "cutoff_len": 64, "mask_history": True}
     assert report["reused"] is False
@@ -328,7 +327,7 @@ def test_a_run_that_cannot_fit_stops_before_loading_with_what_would_fit(trained,
 
     monkeypatch.setattr(memory, "available_memory", lambda placement: 64 * 2**20)  # 64 MiB free
     with pytest.raises(memory.MemoryPlanError) as error:
-        train_model(sft([10, 40, 50], [3, 5, 5], cutoff_len=64), {}, {"finetuning_type": "full"})
+        train_model(sft([10, 40, 50], [3, 5, 5], cutoff_len=64), base_model_of(), {"finetuning_type": "full"})
     assert trained == []  # training never started
     text = message(error)
     assert re.fullmatch(
@@ -343,7 +342,9 @@ def test_the_plan_is_in_the_summary_and_metrics_and_warn_goes_on(trained, monkey
 
     monkeypatch.setattr(memory, "available_memory", lambda placement: 64 * 2**20)
     with caplog.at_level("WARNING"):
-        _, _, summary, metrics, _ = train_model(sft([10, 40], [3, 5], cutoff_len=64), {}, {"memory_check": "warn"})
+        _, _, summary, metrics, _ = train_model(
+            sft([10, 40], [3, 5], cutoff_len=64), base_model_of(), {"memory_check": "warn"}
+        )
     assert len(trained) == 1
     assert summary["plan.available_gb"] == 0.062 and summary["plan.fits"] == 0.0
     assert summary["plan.total_gb"] == pytest.approx(sum(summary[f"plan.{t}_gb"] for t in memory.TERMS), abs=0.01)
@@ -352,5 +353,5 @@ def test_the_plan_is_in_the_summary_and_metrics_and_warn_goes_on(trained, monkey
 
 
 def test_memory_check_off_makes_no_plan(trained):
-    _, _, summary, _, _ = train_model(sft([10, 40], [3, 5], cutoff_len=64), {}, {"memory_check": "off"})
+    _, _, summary, _, _ = train_model(sft([10, 40], [3, 5], cutoff_len=64), base_model_of(), {"memory_check": "off"})
     assert not [k for k in summary if k.startswith("plan.")]

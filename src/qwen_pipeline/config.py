@@ -89,7 +89,8 @@ def parse_config(cls: type[T], data: Mapping[str, Any] | None, section: str) -> 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """``params:model``: which base model, shared by format, train, merge and evaluate."""
+    """The base model (the ``base_model`` dataset's settings: ``globals.yml``'s ``model`` block, or
+    ``--params model.<key>=...`` for one run), shared by format, train, merge and evaluate."""
 
     model_name_or_path: str = EMBEDDED_MODEL  # hub id, local directory, or the embedded default
     trust_remote_code: bool = False  # never run model code from a hub unless asked
@@ -372,6 +373,8 @@ def run_problems(parameters: Mapping[str, Any], blocks: set[str], stages: set[st
     """Every problem of the ``blocks`` a run reads, and of the rules across its ``stages``, as
     (errors, warnings): found before any node runs."""
     found, warnings, parsed = [], [], {}
+    if "model" in parameters:  # --params model.<key>=...: base_model's settings, read by the catalog
+        blocks = blocks | {"model"}
     for name in sorted(blocks & set(BLOCKS)):
         try:
             parsed[name] = parse_config(BLOCKS[name], parameters.get(name), name)

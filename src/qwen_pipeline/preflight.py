@@ -65,6 +65,12 @@ def check_run(
     else:  # a packaged conf_source (tar/zip): the nodes check their own blocks
         return []
     problems, warnings = run_problems(parameters, blocks, stages)
+    if moved := sorted(set(parameters.get("model") or {}) - set(params.get("model") or {})):
+        problems.append(
+            f"parameters: model.{moved[0]} is set in a parameters file, but the base model is now the "
+            "base_model dataset: set it in conf/<env>/globals.yml (model: model_name_or_path: ...) or with "
+            "--params model.model_name_or_path=..."
+        )
     if problems:
         raise ConfigError(problems)
     return warnings

@@ -11,8 +11,8 @@ CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
-    # conf/<env>/parameters*.yml override single keys, not whole top-level blocks.
-    "merge_strategy": {"parameters": "soft"},
+    # conf/<env>/parameters*.yml and globals.yml override single keys, not whole top-level blocks.
+    "merge_strategy": {"parameters": "soft", "globals": "soft"},
     "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**"]},
 }
 

@@ -18,7 +18,7 @@ from datasets import DatasetDict
 from tqdm.auto import tqdm
 
 from ...config import EvaluateConfig, parse_config
-from ...datasets import ModelFiles, StageOutput
+from ...datasets import BaseModel, ModelFiles, StageOutput
 from ...errors import DataError
 from ...metrics import METRICS, similarity_scores
 from ...models import load_causal_lm
@@ -150,19 +150,20 @@ def evaluate_finetuned(
 
 
 def evaluate_base(
-    merged_model: ModelFiles, sft_dataset: DatasetDict, params: dict[str, Any]
+    base_model: BaseModel, merged_model: ModelFiles, sft_dataset: DatasetDict, params: dict[str, Any]
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """The base model the fine-tune started from, on the same examples (skipped when compare_base is off)."""
     config = parse_config(EvaluateConfig, params, "evaluate")
     if not config.compare_base:
         return {}, pd.DataFrame(columns=PREDICTION_COLUMNS)
+    base_model.check_made_from(merged_model.base_model, f"the merged model in {merged_model.path}")
     validation = _validation(sft_dataset)
-    model, tokenizer = _load(merged_model.base_model), merged_model.load_tokenizer()
+    model, tokenizer = _load(base_model.name), base_model.load_tokenizer()
     result, predictions = evaluate(model, tokenizer, validation, config, label="(base)")
     del model
     gc.collect()
     logger.info("Base: eval loss %.4f, perplexity %.2f", result["eval_loss"], result["perplexity"])
-    return {"model": merged_model.base_model, **result}, predictions
+    return {"model": base_model.name, **result}, predictions
 
 
 def compare_evaluations(

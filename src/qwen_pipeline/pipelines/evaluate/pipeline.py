@@ -14,7 +14,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 func=evaluate_base,
-                inputs=["merged_model", "sft_dataset", "params:evaluate"],
+                inputs=["base_model", "merged_model", "sft_dataset", "params:evaluate"],
                 outputs=["base_eval", "base_predictions"],
                 name="evaluate_base_node",
             ),

@@ -13,12 +13,11 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, DatasetDict
 
-from ...config import FormatConfig, ModelConfig, ProcessingConfig, parse_config
+from ...config import FormatConfig, ProcessingConfig, parse_config
 from ...data.fingerprint import stage_fingerprint
 from ...data.streaming import map_stage
 from ...data.tokenizing import SFT_SCHEMA, ChunkTokenizer, TokenizeResult, split
-from ...datasets import StageOutput
-from ...models import load_tokenizer, tokenizer_fingerprint
+from ...datasets import BaseModel, StageOutput
 from ...template import TemplateOptions
 
 logger = logging.getLogger(__name__)
@@ -44,27 +43,20 @@ CONTROL_TOKEN_ACTIONS = {
 def tokenize_conversations(
     conversations: Dataset,
     previous: StageOutput | None,
-    model_params: dict[str, Any],
+    base_model: BaseModel,
     params: dict[str, Any],
     processing: dict[str, Any],
 ) -> tuple[StageOutput, dict[str, Any], list[dict[str, Any]]]:
     """Apply the template to every conversation, drop or cut over-long ones, split off validation."""
-    model_config = parse_config(ModelConfig, model_params, "model")
     config = parse_config(FormatConfig, params, "format")
     work = parse_config(ProcessingConfig, processing, "processing")
-    tokenizer_args = {"trust_remote_code": model_config.trust_remote_code, "use_fast": model_config.use_fast_tokenizer}
-    fingerprint = stage_fingerprint(
-        "format",
-        config,
-        conversations._fingerprint,
-        tokenizer_fingerprint(model_config.model_name_or_path, **tokenizer_args),
-    )
+    fingerprint = stage_fingerprint("format", config, conversations._fingerprint, base_model.tokenizer_fingerprint())
     # previous.settings empty: stored by a version that did not record them; made again so train can read them
     if previous is not None and previous.fingerprint == fingerprint and previous.settings and not work.overwrite_cache:
         logger.info("Format: conversations, parameters and tokenizer unchanged, reusing the tokenized dataset")
         report, dropped = previous.outputs
         return previous, {**report, "reused": True}, dropped
-    tokenizer = load_tokenizer(model_config.model_name_or_path, **tokenizer_args)
+    tokenizer = base_model.load_tokenizer()
     options = TemplateOptions(
         cutoff_len=config.cutoff_len,
         train_on_prompt=config.train_on_prompt,

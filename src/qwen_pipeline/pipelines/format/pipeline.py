@@ -8,7 +8,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 func=tokenize_conversations,
-                inputs=["conversations", "sft_dataset_previous", "params:model", "params:format", "params:processing"],
+                inputs=["conversations", "sft_dataset_previous", "base_model", "params:format", "params:processing"],
                 outputs=["sft_dataset", "format_report", "dropped_records"],
                 name="tokenize_conversations_node",
             )

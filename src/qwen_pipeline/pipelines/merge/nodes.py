@@ -19,10 +19,9 @@ from typing import Any
 import torch
 
 from ...config import MergeConfig, parse_config
-from ...datasets import ModelFiles
+from ...datasets import BaseModel, ModelFiles
 from ...errors import QwenPipelineError
 from ...merging import check_export, export_merged, resolve_device
-from ...models import local_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -33,18 +32,19 @@ class MergeCheckError(QwenPipelineError):
     """The merged model does not compute what base + adapter computes."""
 
 
-def _sources(trained: ModelFiles) -> tuple[Path, Path | None]:
+def _sources(trained: ModelFiles, base_model: BaseModel) -> tuple[Path, Path | None]:
     """The full weights to start from, and the adapter to merge into them (None: already whole)."""
     if trained.kind == "adapter":
-        return local_model_dir(trained.base_model), trained.path
+        base_model.check_made_from(trained.base_model, f"the adapter in {trained.path}")
+        return base_model.local_dir(), trained.path
     return trained.path, None
 
 
-def merge_adapter(trained_model: ModelFiles, params: dict[str, Any]) -> ModelFiles:
+def merge_adapter(trained_model: ModelFiles, base_model: BaseModel, params: dict[str, Any]) -> ModelFiles:
     """The adapter merged into its (unquantized) base, written to a staging directory."""
     config = parse_config(MergeConfig, params, "merge")
     device = resolve_device(config.export_device)
-    weights_dir, adapter_dir = _sources(trained_model)
+    weights_dir, adapter_dir = _sources(trained_model, base_model)
     parent = trained_model.path.parent
     for stale in parent.glob(STAGING_PREFIX + "*"):  # left by an interrupted merge
         logger.info("Removing %s, left by an interrupted merge", stale)

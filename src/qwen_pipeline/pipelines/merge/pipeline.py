@@ -8,7 +8,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 func=merge_adapter,
-                inputs=["trained_model", "params:merge"],
+                inputs=["trained_model", "base_model", "params:merge"],
                 outputs="merge_staged",
                 name="merge_adapter_node",
             ),

@@ -15,8 +15,8 @@ from typing import Any
 
 from datasets import DatasetDict
 
-from ...config import ConfigError, ModelConfig, TrainConfig, pack_length, parse_config
-from ...datasets import ModelFiles, StageOutput
+from ...config import ConfigError, TrainConfig, pack_length, parse_config
+from ...datasets import BaseModel, ModelFiles, StageOutput
 from ...errors import DataError
 from ...training.checks import environment_problems
 from ...training.launcher import train
@@ -29,11 +29,10 @@ FORMAT_AGAIN = "run kedro run --pipelines format"
 
 
 def train_model(
-    sft_dataset: StageOutput, model_params: dict[str, Any], params: dict[str, Any]
+    sft_dataset: StageOutput, base_model: BaseModel, params: dict[str, Any]
 ) -> tuple[ModelFiles, list[dict[str, float]], dict[str, Any], dict[str, Any], Any]:
     """The trained model's files, the per-step loss, learning rate and grad norm (in MLflow already, live,
     as train/<name>), a summary, its metrics, a loss plot."""
-    model_config = parse_config(ModelConfig, model_params, "model")
     config = parse_config(TrainConfig, params, "train")
     made_with, packs = sft_dataset.settings, config.packing or config.neat_packing
     if packs and "cutoff_len" in made_with:  # pack_length unless set: the cutoff the data was made with
@@ -46,7 +45,7 @@ def train_model(
         )
     if problems := environment_problems(config):
         raise ConfigError(problems)
-    plan = memory_plan(sft_dataset.data, model_config, config)
+    plan = memory_plan(sft_dataset.data, base_model, config)
     data = {"template": made_with["template"], "cutoff_len": made_with["cutoff_len"]}
     logger.info(
         "Training on sft_dataset made with template %s, cutoff_len %d%s",
@@ -54,7 +53,7 @@ def train_model(
         data["cutoff_len"],
         f"; pack_length {config.pack_length}" if packs else "",
     )
-    result = train(sft_dataset.data, model_config, config)
+    result = train(sft_dataset.data, base_model.settings, config)
     summary = {**result.summary, **{f"data_{key}": value for key, value in data.items()}}
     summary |= plan.metrics() if plan else {}
     if packs:
@@ -63,7 +62,7 @@ def train_model(
         path=result.path,
         manifest={
             "kind": result.kind,
-            "base_model": model_config.model_name_or_path,
+            "base_model": base_model.name,
             "finetuning_type": config.finetuning_type,
             "quantization_bit": config.quantization_bit,
             "data_fingerprint": result.summary["data_fingerprint"],
@@ -79,14 +78,13 @@ def train_model(
     return model, result.history, summary, metrics, plot_loss(loss_history)
 
 
-def memory_plan(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig) -> MemoryPlan | None:
+def memory_plan(dataset: DatasetDict, base_model: BaseModel, config: TrainConfig) -> MemoryPlan | None:
     """What one training process will hold, from the model's config alone, against the free memory of its device;
     a run that cannot fit stops here (``train.memory_check``), before any weights load. Off: no plan at all."""
     if config.memory_check == "off":
         return None
     import torch
 
-    from ...models import resolve_model_path
     from ...training.launcher import Topology
     from ...training.memory import Shape, check_memory, placement_for, plan_memory
 
@@ -99,7 +97,7 @@ def memory_plan(dataset: DatasetDict, model_config: ModelConfig, config: TrainCo
         shape = Shape(rows=config.per_device_train_batch_size, row_length=config.pack_length)
     else:  # the longest example makes the widest padded batch (padding-free rows are no longer than it either)
         shape = Shape(rows=config.per_device_train_batch_size, row_length=int(lengths.max()) if len(lengths) else 1)
-    plan = plan_memory(resolve_model_path(model_config.model_name_or_path), config, shape, placement)
+    plan = plan_memory(base_model.name, config, shape, placement)
     logger.info("%s", plan.describe())
     check_memory(plan, config.memory_check)
     return plan

@@ -8,7 +8,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 func=train_model,
-                inputs=["sft_dataset", "params:model", "params:train"],
+                inputs=["sft_dataset", "base_model", "params:train"],
                 outputs=["trained_model", "training_history", "training_summary", "training_metrics", "loss_plot"],
                 name="train_model_node",
             )
