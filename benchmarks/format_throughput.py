@@ -176,7 +176,7 @@ def main() -> None:
         print(json.dumps(run_ceiling(args.dataset_dir, datasets)))
         return
 
-    from qwen_pipeline.models import ensure_embedded_model
+    from qwen_pipeline.embedded import ensure_embedded_model
 
     tokenizer_dir = str(ensure_embedded_model())
     with tempfile.TemporaryDirectory() as tmp:

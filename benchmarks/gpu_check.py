@@ -277,7 +277,7 @@ def pytest_gpu(row: Row, work_dir: Path, limit_s: float) -> None:
     """The GPU-marked tests in a child process; counts from its JUnit XML."""
     import xml.etree.ElementTree as ET
 
-    from qwen_pipeline.models import cache_dir
+    from qwen_pipeline.embedded import cache_dir
 
     report = work_dir / "pytest-gpu.xml"
     env = {
@@ -1126,7 +1126,7 @@ def pytest_section(plan: Plan, work_dir: Path) -> Row:
 
 def build_section(plan: Plan, work_dir: Path) -> tuple[list[Row], dict[str, str]]:
     """A row per shape, and the model folders that were built (plus the embedded model's)."""
-    from qwen_pipeline.models import EMBEDDED_MODEL, ensure_embedded_model
+    from qwen_pipeline.embedded import EMBEDDED_MODEL, ensure_embedded_model
 
     rows, paths = [], {EMBEDDED_MODEL: str(ensure_embedded_model())}
     for shape in plan.models:
@@ -1276,7 +1276,7 @@ def run(plan: Plan, work_dir: Path, peak_tflops: float | None) -> tuple[list[Row
     import torch
     import transformers
 
-    from qwen_pipeline.models import ensure_embedded_model
+    from qwen_pipeline.embedded import ensure_embedded_model
 
     transformers.logging.set_verbosity_error()  # no progress bars in the output (the Trainer reads this)
     ensure_embedded_model()  # its tokenizer is the one every built model gets; the GPU tests use it too

@@ -206,7 +206,7 @@ def measure(n: int, num_proc: int, data_dir: Path, threads: bool = True) -> dict
 
 
 def llamafactory(python: str, n: int, workers: int, data_dir: Path) -> dict:
-    from qwen_pipeline.models import ensure_embedded_model
+    from qwen_pipeline.embedded import ensure_embedded_model
 
     data = data_for(n, data_dir)
     script = ROOT / "benchmarks" / "llamafactory_reference" / "lf_preprocess.py"

@@ -131,7 +131,7 @@ def consumed_tokens(lengths: list[int], shape: Shape) -> tuple[int, int]:
 def model_dir(shape_name: str) -> Path:
     """The model folder: the embedded tiny model, or a 0.5B-shaped one with random weights, built once
     (float32 safetensors, ~2 GB) beside it in the project cache with the same tokenizer files."""
-    from qwen_pipeline.models import cache_dir, ensure_embedded_model
+    from qwen_pipeline.embedded import cache_dir, ensure_embedded_model
 
     embedded = ensure_embedded_model()
     if shape_name == "tiny":

@@ -20,7 +20,7 @@ def model_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def embedded_dir(model_cache) -> Path:
-    from qwen_pipeline.models import ensure_embedded_model
+    from qwen_pipeline.embedded import ensure_embedded_model
 
     return ensure_embedded_model()
 

@@ -127,7 +127,7 @@ def test_export_size_gives_shards_and_an_index(tmp_path, tokenizer):
     assert sorted(set(index["weight_map"].values())) == shards
     sizes = {}
     for shard in shards:
-        header = merging._header(out / shard)
+        header = merging.weights._header(out / shard)
         sizes[shard] = [math.prod(v["shape"]) * 4 for k, v in header.items() if k != "__metadata__"]
     assert sum(map(sum, sizes.values())) == index["metadata"]["total_size"] == report["total_bytes"]
     for shard, tensor_sizes in sizes.items():  # a shard overflows only when it holds one tensor
@@ -214,7 +214,7 @@ def test_interrupted_merge_leaves_nothing_that_looks_complete(tmp_path, tokenize
     trained = save_trained(tmp_path, random_adapter(), tokenizer)
     merge(trained, tmp_path)  # a complete earlier merge
     before = sorted(p.name for p in (tmp_path / "merged").iterdir())
-    real_write = merging._write_safetensors
+    real_write = merging.weights._write_safetensors
     written = []
 
     def interrupted(path, entries, produce):
@@ -223,7 +223,7 @@ def test_interrupted_merge_leaves_nothing_that_looks_complete(tmp_path, tokenize
         written.append(path)
         real_write(path, entries, produce)
 
-    monkeypatch.setattr(merging, "_write_safetensors", interrupted)
+    monkeypatch.setattr(merging.weights, "_write_safetensors", interrupted)
     with pytest.raises(KeyboardInterrupt):
         merge_adapter(trained, base_model_of(), {"export_size": 0.02})
     assert written and not written[0].exists()  # the staging directory is gone with its first shard
@@ -232,7 +232,7 @@ def test_interrupted_merge_leaves_nothing_that_looks_complete(tmp_path, tokenize
     # a hard kill leaves a staging folder without a manifest; the next merge clears it
     stale = tmp_path / ".merge-staging-killed"
     stale.mkdir()
-    monkeypatch.setattr(merging, "_write_safetensors", real_write)
+    monkeypatch.setattr(merging.weights, "_write_safetensors", real_write)
     staged = merge_adapter(trained, base_model_of(), {})
     assert not stale.exists() and staged.path.parent == tmp_path
 

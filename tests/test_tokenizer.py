@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from qwen_pipeline.models import QWEN25_ADDED_TOKENS, build_qwen25_tokenizer
+from qwen_pipeline.embedded import QWEN25_ADDED_TOKENS, build_qwen25_tokenizer
 
 OFFICIAL_IDS = {
     "<|endoftext|>": 151643,
@@ -167,8 +167,9 @@ def test_every_tokenizer_file_is_in_the_fingerprint_and_the_merged_model(tmp_pat
     included, which the fingerprint used to miss) makes format re-tokenize, and a merged model carries each."""
     import torch
 
+    from qwen_pipeline.embedded import ensure_embedded_model
     from qwen_pipeline.merging import write_model_files
-    from qwen_pipeline.models import ensure_embedded_model, tokenizer_fingerprint
+    from qwen_pipeline.models import tokenizer_fingerprint
 
     read_by_autotokenizer = (
         *("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"),

@@ -7,7 +7,7 @@ import sqlite3
 from pathlib import Path
 from types import SimpleNamespace
 
-from qwen_pipeline.tracking import PortableArtifactsHook, sqlite_database
+from qwen_pipeline.tracking.store import PortableArtifactsHook, sqlite_database
 
 
 def store(project: Path) -> Path:
@@ -51,7 +51,7 @@ def test_started_elsewhere_the_store_is_left_as_it_is(tmp_path, monkeypatch, cap
     project.mkdir()
     database = store(project)
     monkeypatch.chdir(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="qwen_pipeline.tracking"):
+    with caplog.at_level(logging.WARNING, logger="qwen_pipeline.tracking.store"):
         PortableArtifactsHook().after_context_created(context(project, f"sqlite:///{database}"))
     assert locations(database)[0] == f"{project}/mlruns/0"
     assert f"Running from {tmp_path}, not the project folder {project}" in caplog.text

@@ -5,7 +5,7 @@ Each (predict, label) pair is encoded with the embedded tokenizer, handed to Com
 are the same. Needs jieba, rouge-chinese and nltk in the LLaMA-Factory venv.
 
     PYTHONPATH=/tmp/lfstub /tmp/lfvenv/bin/python benchmarks/llamafactory_reference/make_metrics_golden.py \
-      --tokenizer "$(.venv/bin/python -c 'from qwen_pipeline.models import ensure_embedded_model as e; print(e())')" \
+      --tokenizer "$(.venv/bin/python -c 'from qwen_pipeline.embedded import ensure_embedded_model as e; print(e())')" \
       --out tests/data/parity/metrics_golden.json
 """
 

@@ -5,7 +5,8 @@ from kedro.config import OmegaConfigLoader
 from .quiet import LoggerLevelsHook
 from .stale import StaleOutputsHook
 from .summary import RunSummaryHook
-from .tracking import PortableArtifactsHook, RunNameHook
+from .tracking.run_names import RunNameHook
+from .tracking.store import PortableArtifactsHook
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

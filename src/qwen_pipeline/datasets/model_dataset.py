@@ -155,7 +155,7 @@ class ModelDataset(AbstractDataset[ModelBundle | ModelFiles, ModelBundle | Model
         if mlflow.active_run() is None:
             logger.warning("No active MLflow run: %s not logged", self._path)
             return
-        from ..tracking import log_model_directory
+        from ..tracking.registry import log_model_directory
 
         manifest["mlflow_model"] = log_model_directory(self._path, manifest, **self._mlflow_model)
         partial = self._path / f".{MANIFEST}.partial"

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from transformers import ProgressCallback, TrainerCallback
 
-from ..tracking import RUN_ID_ENV, tracking_environment
+from ..tracking.workers import RUN_ID_ENV, tracking_environment
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from datasets import Dataset, DatasetDict
 from ..config import ModelConfig, TrainConfig, parse_config
 from ..data.streaming import table_files
 from ..errors import QwenPipelineError
-from ..tracking import tracking_environment
+from ..tracking.workers import tracking_environment
 from .recipe import TrainResult, run_sft
 
 logger = logging.getLogger(__name__)

@@ -6,14 +6,10 @@ thin launcher beside this file, not in here.
 
 from __future__ import annotations
 
-import ctypes
-import dataclasses
-import hashlib
 import json
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +20,8 @@ from datasets import DatasetDict
 
 from ..config import ModelConfig, TrainConfig
 from ..models import load_tokenizer
+from .checkpoints import checkpoint_dir, data_fingerprint, resume_point
+from .host_memory import peak_rss_bytes, return_freed_host_memory
 from .packing import IGNORE_INDEX, FlatCollator, labelled_tokens, pack, padding_share, row_lengths
 
 logger = logging.getLogger(__name__)
@@ -106,23 +104,6 @@ def load_model(model_config: ModelConfig, config: TrainConfig):
     )
 
 
-M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
-
-
-def return_freed_host_memory(threshold: int = 128 * 1024) -> bool:
-    """Make glibc hand freed blocks of ``threshold`` bytes or more back to the OS, for the rest of the process.
-    ZeRO-3 on CPU gathers each layer's weights into host memory and frees them after use; glibc's dynamic
-    mmap threshold rises to the size of the first freed block, so the later gathers come from the heap and stay
-    resident once freed (2 CPU ranks loading a 1.4 GB model: rank 0 kept 1.02 copies resident to own 0.50; with
-    the threshold fixed, 0.53). The price is a page fault per fresh block, so only the CPU ZeRO-3 path, which is
-    chosen to save memory, pays it. False where the C library is not glibc."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, threshold))
-
-
 def upcast_trainable(model, config: TrainConfig) -> None:
     """Trainable weights in float32 under bf16/fp16 mixed precision (LLaMA-Factory's rule): AdamW then keeps
     float32 states and updates of lr 1e-5 do not round away in 16-bit weights, and fp16's grad scaler gets
@@ -172,44 +153,6 @@ def wrap(model, config: TrainConfig):
     if config.finetuning_type == "freeze":
         return wrap_freeze(model, config)
     return model  # full: every parameter trains
-
-
-def checkpoint_dir(fingerprint: str, model_config: ModelConfig, config: TrainConfig) -> Path:
-    """One checkpoint folder per (data fingerprint, model, hyperparameters): a rerun of the same command
-    resumes; a changed one starts fresh instead of resuming someone else's optimizer state."""
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("overwrite_output_dir", "output_dir")}
-    key = json.dumps([fingerprint, dataclasses.asdict(model_config), settings], sort_keys=True)
-    return Path(config.output_dir) / hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def data_fingerprint(split) -> str:
-    """Hash of the token ids and labels themselves (HF's own fingerprints differ between equal datasets):
-    per column, the offsets of the lists, then every value as int64, streamed an Arrow chunk at a time."""
-    import numpy as np
-    import pyarrow as pa
-
-    digest = hashlib.sha256()
-    for name in ("input_ids", "labels"):
-        offsets = np.concatenate([[0], np.cumsum(row_lengths(split, name))])
-        large = pa.types.is_large_list(split.data.table.column(name).type)
-        digest.update(offsets.astype(np.int64 if large else np.int32).tobytes())
-        # In row order, through an indices mapping if there is one (a split stored as an order over shared
-        # files): nothing is copied to a flattened file first.
-        for batch in split.select_columns([name]).with_format("arrow").iter(batch_size=1 << 16):
-            for chunk in batch.column(0).chunks:
-                digest.update(np.asarray(chunk.flatten()).astype(np.int64).tobytes())
-    return digest.hexdigest()
-
-
-def last_complete_checkpoint(run_dir: Path) -> str | None:
-    """The newest checkpoint with its trainer state written (the Trainer writes that last), if any,
-    unless the run it belongs to had already finished (then a rerun trains anew)."""
-    complete = [p for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    if not complete:
-        return None
-    newest = max(complete, key=lambda p: int(p.name.rsplit("-", 1)[-1]))
-    state = json.loads((newest / "trainer_state.json").read_text())
-    return None if state.get("global_step", 0) >= state.get("max_steps", 0) > 0 else str(newest)
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -275,22 +218,6 @@ def training_arguments(config: TrainConfig, run_dir: Path):
     return args
 
 
-def resume_point(run_dir: Path, config: TrainConfig) -> str | None:
-    """Rank 0 decides whether to resume and every process follows: only rank 0 writes checkpoints, so a
-    process on another node, looking at its own disk, could see none and start fresh while rank 0 resumes."""
-    from .ranks import from_rank_zero, is_rank_zero
-
-    resume = None
-    if is_rank_zero():
-        resume = None if config.overwrite_output_dir else last_complete_checkpoint(run_dir)
-        if not resume and run_dir.exists():
-            shutil.rmtree(run_dir)  # start over: no complete checkpoint, or asked to
-    resume = from_rank_zero(resume)
-    if resume:
-        logger.info("Resuming from %s (train.overwrite_output_dir: true starts over)", resume)
-    return resume
-
-
 def _deepspeed_comm(config: TrainConfig) -> None:
     """DeepSpeed's communication layer over the process group, before the model loads: ``zero.Init`` sizes its
     partitions from it, and on CPU (where accelerate does not start DeepSpeed's layer) it would count a world
@@ -301,13 +228,6 @@ def _deepspeed_comm(config: TrainConfig) -> None:
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=config.ddp_timeout), verbose=False)
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far (VmHWM)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _run_sft(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig, save_to: Path | None) -> TrainResult:

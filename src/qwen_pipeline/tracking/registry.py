@@ -1,5 +1,5 @@
-"""MLflow records that kedro-mlflow's datasets do not make: a model directory logged as a registered model,
-and a local store whose artifact locations stay relative to the project, so a moved project keeps working."""
+"""A model directory logged to MLflow as a registered pyfunc model (weights hard-linked into a local store, else
+copied), tagged with where the model came from."""
 
 from __future__ import annotations
 
@@ -7,116 +7,14 @@ import json
 import logging
 import os
 import shutil
-import sqlite3
 import tempfile
-from contextlib import closing
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from kedro.framework.hooks import hook_impl
-
-from .pipeline_registry import STAGES
-
 logger = logging.getLogger(__name__)
 
-SERVING_CODE = Path(__file__).with_name("serving.py")
-RUN_ID_ENV = "QWEN_PIPELINE_MLFLOW_RUN_ID"  # set by the training launcher for torchrun workers
-
-
-def tracking_environment() -> dict[str, str]:
-    """What a torchrun worker needs to log into the driver's MLflow run (nothing without an active run)."""
-    try:
-        import mlflow
-    except ImportError:  # pragma: no cover - mlflow is a dependency
-        return {}
-    run = mlflow.active_run()
-    if run is None:
-        return {}
-    return {RUN_ID_ENV: run.info.run_id, "MLFLOW_TRACKING_URI": _absolute(mlflow.get_tracking_uri())}
-
-
-def _absolute(uri: str) -> str:
-    """A relative ``sqlite:///mlflow.db`` as an absolute path: workers may start elsewhere."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix) :]).resolve())
-    return uri
-
-
-# Where a SQL store keeps artifact locations (MLflow makes each one absolute when it creates it).
-LOCATION_COLUMNS = (
-    ("experiments", "artifact_location"),
-    ("runs", "artifact_uri"),
-    ("logged_models", "artifact_location"),
-    ("model_versions", "storage_location"),
-)
-
-
-class PortableArtifactsHook:
-    """After kedro-mlflow has opened the store (and created the experiment), rewrites the artifact locations a
-    local SQLite store holds under the project folder as paths relative to it, before this run creates its own:
-    MLflow then reads and writes them relative to the working directory (the project folder, where
-    ``kedro run`` is started), so a project moved or copied elsewhere keeps its runs' artifacts and registered
-    models. Started from another folder, the run leaves the store as it is and says so."""
-
-    @hook_impl(trylast=True)  # after kedro-mlflow's after_context_created
-    def after_context_created(self, context) -> None:
-        config = getattr(context, "mlflow", None)
-        project = Path(context.project_path)
-        database = sqlite_database(config.server.mlflow_tracking_uri if config else None, project)
-        if database is None or not database.is_file():
-            return
-        if Path.cwd().resolve() != project.resolve():
-            logger.warning(
-                "Running from %s, not the project folder %s: MLflow reads the store's artifact locations "
-                "relative to the working directory; run kedro from the project folder", Path.cwd(), project,
-            )  # fmt: skip
-            return
-        changed = relative_artifact_locations(database, project)
-        if changed:
-            logger.info("MLflow store %s: %d artifact locations made relative to the project", database, changed)
-
-
-class RunNameHook:
-    """kedro-mlflow names a run after its pipelines joined by "+", in the order Kedro passes them, and
-    `kedro run --pipelines a,b` passes them through a set: the same command was named
-    "format+validate+ingest" once and "ingest+format+validate" the next time. Before kedro-mlflow reads them,
-    the stages are put in run order (other pipelines after them, by name)."""
-
-    @hook_impl(tryfirst=True)  # before kedro-mlflow's before_pipeline_run, which starts the MLflow run
-    def before_pipeline_run(self, run_params: dict[str, Any]) -> None:
-        names = run_params.get("pipeline_names")
-        if isinstance(names, list):
-            names.sort(key=lambda name: (STAGES.index(name) if name in STAGES else len(STAGES), name))
-
-
-def sqlite_database(uri: str | None, project: Path) -> Path | None:
-    """The file behind a ``sqlite:///`` tracking URI (a relative one is relative to the project); else None."""
-    if not uri or not uri.startswith("sqlite:///"):
-        return None
-    path = Path(unquote(uri[len("sqlite:///") :].split("?", 1)[0]))  # sqlite:////abs.db is /abs.db
-    return path if path.is_absolute() else project / path
-
-
-def relative_artifact_locations(database: Path, project: Path) -> int:
-    """Strips the project folder (as a path or a file: URI) from every stored artifact location under it.
-    Returns the number of locations changed."""
-    roots = {str(project.absolute()), str(project.resolve())}
-    prefixes = sorted({f"{root}/" for root in roots} | {f"{Path(root).as_uri()}/" for root in roots}, key=len)
-    changed = 0
-    with closing(sqlite3.connect(database, timeout=60)) as connection, connection:
-        for table, column in LOCATION_COLUMNS:
-            for prefix in reversed(prefixes):  # longest first: file:///a/ before /a/
-                try:
-                    cursor = connection.execute(
-                        f"UPDATE {table} SET {column} = substr({column}, ?) WHERE substr({column}, 1, ?) = ?",
-                        (len(prefix) + 1, len(prefix), prefix),
-                    )
-                except sqlite3.OperationalError:  # a store from an MLflow without this table
-                    break
-                changed += max(cursor.rowcount, 0)
-    return changed
+SERVING_CODE = Path(__file__).parents[1] / "serving.py"
 
 
 def lineage_tags(manifest: dict[str, Any]) -> dict[str, str]:
