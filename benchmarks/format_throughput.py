@@ -111,11 +111,11 @@ def stages(dataset_dir: str, datasets: list[str], format_params: dict):
     processing = {"num_proc": 1}
     raw = DatasetInfoDataset(filepath=str(Path(dataset_dir) / "dataset_info.json")).load()
     records, _ = ingest_datasets(raw, None, {"dataset": datasets}, processing)
-    kept, _, _, _ = validate_conversations(records.data, None, {}, processing)
+    kept, _, _, _ = validate_conversations(records, None, {}, processing)
     if format_params is None:
         return kept.data
     base = BaseModel(ModelConfig(EMBEDDED_MODEL))
-    splits, report, _ = tokenize_conversations(kept.data, None, base, format_params, processing)
+    splits, report, _ = tokenize_conversations(kept, None, base, format_params, processing)
     return splits.data, report
 
 

@@ -25,14 +25,15 @@ def copy_project(root: Path, *, demo_data: bool = True) -> Path:
     return root
 
 
-def conversation_rows(records: list[dict]) -> Dataset:
-    """Conversation dicts as the Arrow dataset the data stages pass on (missing keys become null)."""
+def conversation_rows(records: list[dict], fingerprint: str = "test"):
+    """Conversation dicts as the data stages pass them on: a StageOutput of Arrow rows (missing keys null)."""
     import pyarrow as pa
     from datasets.table import InMemoryTable
 
     from qwen_pipeline.conversation import CONVERSATION_SCHEMA
+    from qwen_pipeline.datasets import StageOutput
 
-    return Dataset(InMemoryTable(pa.Table.from_pylist(records, schema=CONVERSATION_SCHEMA)))
+    return StageOutput(Dataset(InMemoryTable(pa.Table.from_pylist(records, schema=CONVERSATION_SCHEMA))), fingerprint)
 
 
 def ingest(raw, params: dict, **processing) -> tuple[list[dict], dict]:

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import ingest, tokenize, validate
+from helpers import base_model_of, ingest, tokenize, validate
 
 import qwen_pipeline.data.sources as sources
 from qwen_pipeline.conversation import Conversation
 from qwen_pipeline.datasets import DatasetInfoDataset, StageDataset
 from qwen_pipeline.errors import DataSourceError
-from qwen_pipeline.models import EMBEDDED_MODEL
 from qwen_pipeline.pipelines.format.nodes import tokenize_conversations
 from qwen_pipeline.pipelines.ingest.nodes import ingest_datasets
 from qwen_pipeline.pipelines.validate.nodes import validate_conversations
@@ -142,7 +141,7 @@ def run_stages(root: Path, info: Path, overrides: dict | None = None) -> dict:
     for stage, node, upstream, args in [
         ("raw", ingest_datasets, raw, ({"dataset": ["alpaca_demo", "sharegpt_demo"]},)),
         ("conversations", validate_conversations, None, ({},)),
-        ("sft", tokenize_conversations, None, ({"model_name_or_path": EMBEDDED_MODEL}, {"val_size": 0.1})),
+        ("sft", tokenize_conversations, None, (base_model_of(), {"val_size": 0.1})),
     ]:
         if stage == "sft" and "format" in overrides:
             args = (args[0], {**args[1], **overrides["format"]})
@@ -176,7 +175,7 @@ def test_a_rerun_with_unchanged_inputs_reuses_every_stage(tmp_path, monkeypatch,
     calls = []
 
     def counted(*args, **kwargs):
-        calls.append(args[0])
+        calls.append(args[4].path.name.split("-")[1])  # the stage of the staging folder: qwen-<stage>-...
         return real_map(*args, **kwargs)
 
     for module in ("ingest", "validate", "format"):
@@ -187,7 +186,7 @@ def test_a_rerun_with_unchanged_inputs_reuses_every_stage(tmp_path, monkeypatch,
     assert "Ingest: datasets and parameters unchanged, reusing 362 records" in caplog.text
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*.arrow")} == stamp  # nothing rewritten
     again = StageDataset(path=str(tmp_path / "out" / "sft")).load()
-    assert [list(x) for x in again["train"]["input_ids"]] == [list(x) for x in sft["train"]["input_ids"]]
+    assert [list(x) for x in again.data["train"]["input_ids"]] == [list(x) for x in sft.data["train"]["input_ids"]]
     assert warm["conversations"][1] == cold["conversations"][1]  # the rejected records, handed back
     assert {k: v for k, v in warm["sft"][1].items() if k != "reused"} == {
         k: v for k, v in cold["sft"][1].items() if k != "reused"
@@ -218,12 +217,12 @@ def test_stage_dataset_keeps_split_order_as_indices_and_replaces_atomically(tmp_
     base = Dataset.from_dict({"x": list(range(10))})
     data = DatasetDict({"train": base.select([3, 1, 4, 5, 9, 2, 6]), "validation": base.select([8, 0, 7])})
     target = StageDataset(path=str(tmp_path / "stage"))
-    target.save(StageOutput(data, "fp1", ({"report": 1}, [1, 2])))
+    target.save(StageOutput(data, "fp1", {"report": {"n": 1}, "dropped": [1, 2]}))
     loaded = target.load()
-    assert loaded["train"]["x"] == [3, 1, 4, 5, 9, 2, 6] and loaded["validation"]["x"] == [8, 0, 7]
-    assert loaded["train"]._fingerprint == "fp1"
+    assert loaded.data["train"]["x"] == [3, 1, 4, 5, 9, 2, 6] and loaded.data["validation"]["x"] == [8, 0, 7]
+    assert loaded.fingerprint == "fp1" and loaded.outputs == {"report": {"n": 1}, "dropped": [1, 2]}
     previous = StageDataset(path=str(tmp_path / "stage"), previous=True).load()
-    assert previous.fingerprint == "fp1" and previous.outputs == ({"report": 1}, [1, 2])
+    assert (previous.fingerprint, previous.outputs) == ("fp1", {"report": {"n": 1}, "dropped": [1, 2]})
     assert StageDataset(path=str(tmp_path / "none"), previous=True).load() is None
 
     def broken(*args, **kwargs):
@@ -232,7 +231,7 @@ def test_stage_dataset_keeps_split_order_as_indices_and_replaces_atomically(tmp_
     monkeypatch.setattr("qwen_pipeline.datasets.stage.write_rows", broken)
     with pytest.raises(KeyboardInterrupt):
         target.save(StageOutput(Dataset.from_dict({"x": [42]}), "fp2"))
-    assert target.load()["train"]["x"] == [3, 1, 4, 5, 9, 2, 6]  # the earlier output, untouched
+    assert target.load().data["train"]["x"] == [3, 1, 4, 5, 9, 2, 6]  # the earlier output, untouched
     assert [p.name for p in tmp_path.iterdir()] == ["stage"]  # no partial folder left
 
 
@@ -252,7 +251,7 @@ def test_a_stale_stage_output_is_refused_until_saved_again(tmp_path):
         target.load()
     assert StageDataset(path=str(tmp_path / "stage"), previous=True).load() is None  # never reused
     target.save(StageOutput(Dataset.from_dict({"x": [1, 2]}), "fp1"))  # remade by the next run
-    assert target.load()["x"] == [1, 2] and not (tmp_path / "stage" / "stale.json").exists()
+    assert target.load().data["x"] == [1, 2] and not (tmp_path / "stage" / "stale.json").exists()
 
 
 def test_a_failed_run_marks_the_stage_outputs_it_did_not_save(tmp_path):
@@ -300,3 +299,59 @@ def test_interleaved_mix_is_what_datasets_interleaves(tmp_path):
         assert [r["messages"][0]["content"] for r in records] == list(expected)
         counts = np.unique([r["dataset"] for r in records], return_counts=True)
         assert {d: report["datasets"][d]["in_mix"] for d in n} == dict(zip(*(list(c) for c in counts)))
+
+
+def test_an_error_in_a_worker_process_is_raised_in_the_stage(tmp_path):
+    import multiprocessing
+
+    import pyarrow as pa
+    from datasets import Dataset
+
+    from qwen_pipeline.data.streaming import parallel_map
+    from qwen_pipeline.errors import DataError
+
+    def fn(chunk: pa.Table, offset: int):
+        if offset >= 4:  # the second process's range
+            raise DataError(f"record {offset}: bad")
+        return chunk, offset
+
+    rows = Dataset.from_dict({"x": list(range(8))})
+    schema = pa.schema([("x", pa.int64())])
+    with pytest.raises(DataError, match="^record 4: bad$"):
+        parallel_map(rows, fn, schema=schema, out=tmp_path / "out", num_proc=2, batch_size=4)
+    assert multiprocessing.active_children() == []  # none left running
+    done, results = parallel_map(
+        rows, lambda c, o: (c, o), schema=schema, out=tmp_path / "ok", num_proc=2, batch_size=4
+    )
+    assert done["x"] == list(range(8)) and results == [0, 4]
+
+
+def test_a_stage_output_moves_its_staged_files_and_its_staging_folder_goes_with_it(tmp_path):
+    import gc
+
+    import pyarrow as pa
+    from datasets import Dataset
+
+    from qwen_pipeline.data.streaming import Staging, map_stage, table_files
+    from qwen_pipeline.datasets import StageOutput
+
+    class Work:
+        processes, batch_size = 1, 2
+
+    staging = Staging("test")
+    rows, _ = map_stage(Dataset.from_dict({"x": [1, 2, 3]}), lambda c, o: (c, o), pa.schema([("x", pa.int64())]),
+                        Work, staging)  # fmt: skip
+    (staged,) = table_files(rows.data)
+    assert staging.holds(staged)
+    StageDataset(path=str(tmp_path / "stage")).save(StageOutput(rows, "fp", staging=staging))
+    stored = StageDataset(path=str(tmp_path / "stage")).load()
+    assert stored.data["x"] == [1, 2, 3] and sorted(p.name for p in (tmp_path / "stage").iterdir()) == [
+        "data-00000.arrow",
+        "outputs.json",
+        "stage.json",
+    ]
+    assert not Path(staged).exists()  # moved, not copied
+    folder = staging.path
+    del staging, rows
+    gc.collect()
+    assert not folder.exists()  # the staging folder is removed with the object that held it

@@ -58,7 +58,7 @@ def test_a_stored_split_order_is_passed_as_its_indices_file(on_disk, tmp_path):
     base = on_disk["train"]
     splits = DatasetDict({"train": base.select([5, 2, 9, 0]), "validation": base.select([7, 1])})
     StageDataset(path=str(tmp_path / "stage")).save(StageOutput(splits, "fp"))
-    stored = StageDataset(path=str(tmp_path / "stage")).load()
+    stored = StageDataset(path=str(tmp_path / "stage")).load().data
     work = tmp_path / "work"
     work.mkdir()
     write_work_folder(work, stored, ModelConfig(), TrainConfig())

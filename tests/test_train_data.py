@@ -191,37 +191,36 @@ def test_settings_round_trip_through_the_stage_dataset(tmp_path, nothing_loads):
     assert settings == {**FORMAT_DEFAULTS, "cutoff_len": 1024, "mask_history": True}
     data = DatasetDict({"train": examples([3, 4], [1, 1]), "validation": examples([5], [2])})
     path = tmp_path / "sft"
-    StageDataset(path=str(path)).save(StageOutput(data, "fp1", ({"report": 1}, []), settings))
+    StageDataset(path=str(path)).save(StageOutput(data, "fp1", {"report": 1, "dropped": []}, settings))
     assert json.loads((path / "stage.json").read_text())["settings"] == settings
 
-    loaded = StageDataset(path=str(path), stage_output=True).load()
+    loaded = StageDataset(path=str(path)).load()
     assert isinstance(loaded, StageOutput)
-    assert (loaded.fingerprint, loaded.outputs, loaded.settings) == ("fp1", ({"report": 1}, []), settings)
+    assert (loaded.fingerprint, loaded.outputs, loaded.settings) == ("fp1", {"report": 1, "dropped": []}, settings)
     assert row_lengths(loaded.data["train"]).tolist() == [3, 4] and loaded.data["validation"]["labels"] == [
         [-100, -100, -100, 3, 4]
     ]
-    assert isinstance(StageDataset(path=str(path)).load(), DatasetDict)  # the plain view is unchanged
     assert StageDataset(path=str(path), previous=True).load().settings == settings
 
     # Same fingerprint, other settings: stored again (what is on disk must say what the data was made with).
     StageDataset(path=str(path)).save(dataclasses.replace(loaded, settings={**settings, "cutoff_len": 2048}))
-    assert StageDataset(path=str(path), stage_output=True).load().settings["cutoff_len"] == 2048
+    assert StageDataset(path=str(path)).load().settings["cutoff_len"] == 2048
 
     # A folder written before settings were recorded loads with none, which train refuses.
     layout = json.loads((path / "stage.json").read_text())
     del layout["settings"]
     (path / "stage.json").write_text(json.dumps(layout))
-    old = StageDataset(path=str(path), stage_output=True).load()
+    old = StageDataset(path=str(path)).load()
     assert old.settings == {}
     with pytest.raises(DataError, match=re.escape("made by an older version of the format stage")):
         train_model(old, base_model_of(), {})
 
 
 def test_a_missing_or_stale_stage_output_is_the_same_error_with_stage_output(tmp_path):
-    missing = StageDataset(path=str(tmp_path / "none"), stage_output=True)
+    missing = StageDataset(path=str(tmp_path / "none"))
     with pytest.raises(DataSourceError, match=re.escape("none: no complete stage output here (no stage.json)")):
         missing.load()
-    target = StageDataset(path=str(tmp_path / "sft"), stage_output=True)
+    target = StageDataset(path=str(tmp_path / "sft"))
     target.save(stage_output(DatasetDict({"train": examples([3], [1])}), "fp1", cutoff_len=64))
     assert target.mark_stale("the last run stopped in validate") is True
     with pytest.raises(DataSourceError, match="sft is an earlier run's output, not current: the last run stopped"):
@@ -287,7 +286,7 @@ def test_train_packs_to_the_cutoff_the_data_was_made_with(tmp_path, model_cache)
     root = copy_project(tmp_path / "project")
     made = kedro_run(root, model_cache, "--pipelines", "ingest,validate,format", "--params", "format.cutoff_len=1024")
     assert made.returncode == 0, made.stderr[-3000:]
-    train_split = StageDataset(path=str(root / "data" / "03_primary" / "sft_dataset")).load()["train"]
+    train_split = StageDataset(path=str(root / "data" / "03_primary" / "sft_dataset")).load().data["train"]
     lengths = row_lengths(train_split)
     longest, over = int(lengths.max()), int((lengths > 32).sum())
     assert 32 < longest <= 1024

@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +20,7 @@ import pyarrow as pa
 from datasets import Dataset
 
 from ..errors import DataSourceError
-from .streaming import open_files, write_rows
+from .streaming import Staging, open_files, write_rows
 
 # File types LLaMA-Factory reads from a dataset folder, by extension (txt is pre-training only).
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
@@ -42,6 +42,7 @@ class RawTable:
     files: tuple[tuple[int, str], ...]  # (first row, file name relative to dataset_info.json's folder)
     kind: Literal["json", "table"]
     skipped: tuple[str, ...] = ()  # hidden files of a dataset folder (.DS_Store, ._*, Thumbs.db), not read
+    staging: Staging | None = field(default=None, compare=False, repr=False)  # holds JSON read as Arrow
 
 
 def file_digest(path: Path) -> str:
@@ -87,8 +88,9 @@ def _undecoded(text: str, start: int = 0, end: int | None = None) -> tuple[int, 
     return bad.start(), f"invalid UTF-8 byte 0x{byte:02x} (is the file in another encoding, such as latin-1?)"
 
 
-def read_files(files: list[Path], root: Path, kind: str, work: Path) -> RawTable:
-    """The records of ``files`` (all of one kind), in order."""
+def read_files(files: list[Path], root: Path, kind: str, staging: Staging) -> RawTable:
+    """The records of ``files`` (all of one kind), in order (JSON converted to Arrow in ``staging``)."""
+    work = staging.folder()
     parts, starts, start = [], [], 0
     for n, path in enumerate(files):
         if kind == "json":
@@ -103,7 +105,7 @@ def read_files(files: list[Path], root: Path, kind: str, work: Path) -> RawTable
         starts.append((start, str(path.relative_to(root))))
         start += len(part)
     data = _concatenate(parts, files)
-    return RawTable(data=data, files=tuple(starts), kind="json" if kind == "json" else "table")
+    return RawTable(data=data, files=tuple(starts), kind="json" if kind == "json" else "table", staging=staging)
 
 
 def _concatenate(parts: list[Dataset], files: list[Path]) -> Dataset:

@@ -14,12 +14,12 @@ interleaved mix) is read through ``datasets``' own memory-mapped iteration.
 
 from __future__ import annotations
 
-import atexit
 import gc
 import multiprocessing
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +32,6 @@ from datasets.table import ConcatenationTable, InMemoryTable, MemoryMappedTable
 # A chunk's work: (rows, position of the first row in the dataset) -> (output rows, result).
 ChunkFn = Callable[[pa.Table, int], tuple[pa.Table, Any]]
 
-_STAGING: list[Path] = []
-
 
 def default_num_proc() -> int:
     """The cores this process may use, at most 16 (each process holds a tokenizer and one chunk)."""
@@ -44,23 +42,22 @@ def default_num_proc() -> int:
     return max(1, min(cores, 16))
 
 
-def staging_dir(prefix: str) -> Path:
-    """A fresh folder for a stage's output files until a catalog dataset moves them into place
-    (removed at exit if still there, so a failed run leaves nothing behind)."""
-    path = Path(tempfile.mkdtemp(prefix=f"qwen-{prefix}-"))
-    _STAGING.append(path)
-    return path
+class Staging:
+    """A fresh folder for a stage's Arrow files until its catalog dataset moves them into place
+    (``StageDataset``). What is left in it is removed when the object is dropped, or at exit, so a failed
+    run leaves nothing behind; whoever holds the data holds this object (``StageOutput.staging``)."""
 
+    def __init__(self, stage: str):
+        self.path = Path(tempfile.mkdtemp(prefix=f"qwen-{stage}-"))
+        self._remove = weakref.finalize(self, shutil.rmtree, self.path, True)
 
-@atexit.register
-def _remove_staging() -> None:
-    for path in _STAGING:
-        shutil.rmtree(path, ignore_errors=True)
+    def folder(self) -> Path:
+        """A fresh subfolder, for one map's files."""
+        return Path(tempfile.mkdtemp(dir=self.path))
 
-
-def is_staged(path: str) -> bool:
-    """Whether ``path`` lies in a staging folder of this process (its file may be moved, not copied)."""
-    return any(Path(path).resolve().is_relative_to(folder.resolve()) for folder in _STAGING)
+    def holds(self, file: str) -> bool:
+        """Whether ``file`` lies in this staging folder (it may be moved, not copied)."""
+        return Path(file).resolve().is_relative_to(self.path.resolve())
 
 
 def table_files(table: Any) -> list[str] | None:
@@ -125,12 +122,7 @@ class _Job:
     out: Path
 
 
-_JOB: _Job | None = None  # set before forking: workers inherit it instead of unpickling it
-
-
-def _run_range(part: int, start: int, stop: int) -> tuple[str, list[Any]]:
-    job = _JOB
-    assert job is not None
+def _run_range(job: _Job, part: int, start: int, stop: int) -> tuple[str, list[Any]]:
     path = job.out / f"part-{part:05d}.arrow"
     results = []
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, job.schema) as writer:
@@ -142,10 +134,46 @@ def _run_range(part: int, start: int, stop: int) -> tuple[str, list[Any]]:
     return str(path), results
 
 
-def _one_thread_each() -> None:
+def _forked_range(job: _Job, part: int, start: int, stop: int, answer) -> None:
     # The Rust tokenizer's thread pool does not survive a fork: with TOKENIZERS_PARALLELISM=true
     # inherited, a worker's first batch would wait forever on it. The processes are the parallelism.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        answer.send((True, _run_range(job, part, start, stop)))
+    except BaseException as error:  # noqa: BLE001 - raised again in the parent
+        answer.send((False, error))
+    finally:
+        answer.close()
+
+
+def _run_forked(job: _Job, ranges: list[tuple[int, int, int]]) -> list[tuple[str, list[Any]]]:
+    """One forked process per range: each inherits the job (dataset, function and its closure, e.g. the
+    tokenizer) without pickling it, and sends back its file and results; a worker's error is raised here."""
+    context = multiprocessing.get_context("fork")
+    workers = []
+    for part in ranges:
+        receive, send = context.Pipe(duplex=False)
+        process = context.Process(target=_forked_range, args=(job, *part, send), daemon=True)
+        process.start()
+        send.close()
+        workers.append((process, receive))
+    parts = []
+    try:
+        for process, receive in workers:
+            try:
+                done, value = receive.recv()
+            except EOFError:
+                process.join()
+                raise ChildProcessError(f"a data worker died (exit code {process.exitcode})") from None
+            if not done:
+                raise value
+            parts.append(value)
+    finally:
+        for process, _ in workers:
+            if process.is_alive() and len(parts) < len(workers):
+                process.terminate()
+            process.join()
+    return parts
 
 
 def parallel_map(
@@ -153,7 +181,6 @@ def parallel_map(
 ) -> tuple[Dataset, list[Any]]:
     """``fn`` over every chunk of ``dataset``: the output rows as a dataset backed by Arrow files in
     ``out`` (in input order whatever ``num_proc``), and each chunk's result, in order."""
-    global _JOB
     n = len(dataset)
     procs = max(1, min(num_proc, -(-n // batch_size)))
     # Contiguous ranges on chunk boundaries, so the chunks are those of one process.
@@ -161,28 +188,27 @@ def parallel_map(
     bounds = [min(n, batch_size * (chunks * k // procs)) for k in range(procs + 1)]
     ranges = [(k, bounds[k], bounds[k + 1]) for k in range(procs)]
     out.mkdir(parents=True, exist_ok=True)
-    _JOB = _Job(dataset, fn, batch_size, schema, out)
-    try:
-        if procs == 1:
-            parts = [_run_range(*ranges[0])]
-        else:
-            # fork: workers share the tokenizer and the function's closure without pickling them; with
-            # the parent's objects frozen, the workers' garbage collector leaves their pages shared.
-            gc.freeze()
-            with multiprocessing.get_context("fork").Pool(procs, initializer=_one_thread_each) as pool:
-                parts = pool.starmap(_run_range, ranges)
-    finally:
-        _JOB = None
-        gc.unfreeze()
+    job = _Job(dataset, fn, batch_size, schema, out)
+    if procs == 1:
+        parts = [_run_range(job, *ranges[0])]
+    else:
+        # With the parent's objects frozen, the workers' garbage collector leaves their pages shared.
+        gc.freeze()
+        try:
+            parts = _run_forked(job, ranges)
+        finally:
+            gc.unfreeze()
     files = [path for path, _ in parts]
     results = [r for _, part_results in parts for r in part_results]
     return open_files(files, schema), results
 
 
-def map_stage(stage: str, dataset: Dataset, fn: ChunkFn, schema: pa.Schema, work: Any) -> tuple[Dataset, list[Any]]:
-    """``parallel_map`` for a data stage: its files in a fresh staging folder, ``processing`` settings."""
+def map_stage(
+    dataset: Dataset, fn: ChunkFn, schema: pa.Schema, work: Any, staging: Staging
+) -> tuple[Dataset, list[Any]]:
+    """``parallel_map`` for a data stage: its files in a fresh folder of ``staging``, ``processing`` settings."""
     return parallel_map(
-        dataset, fn, schema=schema, out=staging_dir(stage), num_proc=work.processes, batch_size=work.batch_size
+        dataset, fn, schema=schema, out=staging.folder(), num_proc=work.processes, batch_size=work.batch_size
     )
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from kedro.io import AbstractDataset
 
 from ..data.sources import FILE_TYPES, RawTable, file_digest, read_files, read_hub
-from ..data.streaming import staging_dir
+from ..data.streaming import Staging
 from ..errors import DataSourceError
 
 # Files operating systems leave in folders: skipped in a dataset folder (and named in the ingest report).
@@ -91,7 +91,7 @@ class DatasetInfoDataset(AbstractDataset[None, RawDatasets]):
         if "hf_hub_url" in info:
             return read_hub(where, info)
         root, files, kind, skipped = self._files(name, info)
-        return dataclasses.replace(read_files(files, root, kind, staging_dir("raw")), skipped=tuple(skipped))
+        return dataclasses.replace(read_files(files, root, kind, Staging("raw")), skipped=tuple(skipped))
 
     def _fingerprint(self, name: str, info: dict[str, Any]) -> str:
         """The entry and each file's name, size and content hash (a hub dataset: its entry only)."""

@@ -16,7 +16,7 @@ from datasets import Dataset, DatasetDict
 from datasets.table import MemoryMappedTable
 from kedro.io import AbstractDataset, DatasetError
 
-from ..data.streaming import is_staged, iter_chunks, open_files, table_files, write_rows
+from ..data.streaming import Staging, iter_chunks, open_files, table_files, write_rows
 from ..errors import DataSourceError
 from ._files import swap_into_place
 
@@ -29,22 +29,32 @@ STALE = "stale.json"  # written when a run stopped upstream: the output is an ea
 
 @dataclass(frozen=True)
 class StageOutput:
-    """A stage's main output, with the fingerprint of everything it was made from, the stage's
-    other (small) outputs, so a rerun with unchanged inputs can hand them all back without work, and
-    the settings the data was made with (e.g. format's cutoff_len), which later stages read from here
-    rather than from this run's parameters."""
+    """A stage's main output, with the fingerprint of everything it was made from (the next stage builds its
+    own on it), the stage's other (small) outputs by name, so a rerun with unchanged inputs can hand them all
+    back without work (``reuse``), and the settings the data was made with (e.g. format's cutoff_len), which
+    later stages read from here rather than from this run's parameters. ``staging``: the folder of the new
+    files the catalog dataset moves into place (None: data already stored)."""
 
     data: Dataset | DatasetDict
     fingerprint: str
-    outputs: tuple[Any, ...] = ()
+    outputs: dict[str, Any] = field(default_factory=dict)  # JSON values
     settings: dict[str, Any] = field(default_factory=dict)  # JSON values
+    staging: Staging | None = field(default=None, compare=False, repr=False)
 
 
-class StageDataset(AbstractDataset[StageOutput, "Dataset | DatasetDict | StageOutput | None"]):
-    """A ``datasets.Dataset`` or ``DatasetDict`` stored as Arrow files, with its stage's fingerprint.
+def reuse(previous: StageOutput | None, fingerprint: str, overwrite: bool) -> StageOutput | None:
+    """The last run's output when it was made from the same inputs (``fingerprint``) and may be reused:
+    a stage hands it back, side outputs included, instead of doing the work again."""
+    if overwrite or previous is None or previous.fingerprint != fingerprint:
+        return None
+    return previous
 
-    Example catalog entries (the second is the same folder, read as "what the last run left"; the third
-    as the data with the settings it was made with)::
+
+class StageDataset(AbstractDataset[StageOutput, "StageOutput | None"]):
+    """A stage's output: a ``datasets.Dataset`` or ``DatasetDict`` stored as Arrow files, with its fingerprint,
+    side outputs and settings.
+
+    Example catalog entries (the second is the same folder, read as "what the last run left")::
 
         conversations:
           type: qwen_pipeline.datasets.StageDataset
@@ -55,15 +65,9 @@ class StageDataset(AbstractDataset[StageOutput, "Dataset | DatasetDict | StageOu
           path: data/02_intermediate/conversations
           previous: true
 
-        sft_dataset:
-          type: qwen_pipeline.datasets.StageDataset
-          path: data/03_primary/sft_dataset
-          stage_output: true
-
-    ``load`` gives the data memory-mapped (nothing is read until used); with ``stage_output: true`` it
-    gives the whole ``StageOutput`` (data, fingerprint, side outputs, settings); with ``previous: true``
-    it gives the last saved ``StageOutput`` (or None), which a node returns as it is when its inputs'
-    fingerprint matches. Saving moves the stage's staged Arrow files into place (a rename) and keeps
+    ``load`` gives the ``StageOutput`` (data memory-mapped: nothing is read until used); with
+    ``previous: true`` it gives None when nothing complete and current is stored, so a node can pass it
+    to ``reuse``. Saving moves the stage's staged Arrow files into place (a rename) and keeps
     a split's row order as an indices file rather than rewriting its rows; saving what is already
     stored, with the same fingerprint and settings, does nothing. The folder is written beside and renamed into
     place, so an interrupted save never leaves one that looks complete. When a run stops before it
@@ -76,16 +80,14 @@ class StageDataset(AbstractDataset[StageOutput, "Dataset | DatasetDict | StageOu
         *,
         path: str,
         previous: bool = False,
-        stage_output: bool = False,
         metadata: dict[str, Any] | None = None,
     ):
         self._path = Path(path)
         self._previous = previous
-        self._stage_output = stage_output
         self.metadata = metadata
 
     def _describe(self) -> dict[str, Any]:
-        return {"path": str(self._path), "previous": self._previous, "stage_output": self._stage_output}
+        return {"path": str(self._path), "previous": self._previous}
 
     def _exists(self) -> bool:  # a stale output is missing: --only-missing-outputs remakes it
         return self._complete() and not (self._path / STALE).is_file()
@@ -93,7 +95,7 @@ class StageDataset(AbstractDataset[StageOutput, "Dataset | DatasetDict | StageOu
     def _complete(self) -> bool:
         return (self._path / LAYOUT).is_file()
 
-    def _load(self) -> Dataset | DatasetDict | StageOutput | None:
+    def _load(self) -> StageOutput | None:
         if not self._complete():
             if self._previous:
                 return None
@@ -106,12 +108,12 @@ class StageDataset(AbstractDataset[StageOutput, "Dataset | DatasetDict | StageOu
         layout = json.loads((self._path / LAYOUT).read_text())
         parts = {name: self._open(part, layout["fingerprint"]) for name, part in layout["parts"].items()}
         data = parts[""] if list(parts) == [""] else DatasetDict(parts)
-        if not (self._previous or self._stage_output):
-            return data
         outputs = json.loads((self._path / OUTPUTS).read_text())
+        if not isinstance(outputs, dict):  # a list: written by a version that stored them by position
+            outputs = {}
         # no "settings": written by a version that did not record them (read as none recorded)
         settings = layout.get("settings", {})
-        return StageOutput(data=data, fingerprint=layout["fingerprint"], outputs=tuple(outputs), settings=settings)
+        return StageOutput(data=data, fingerprint=layout["fingerprint"], outputs=outputs, settings=settings)
 
     def _open(self, part: dict[str, Any], fingerprint: str) -> Dataset:
         files = [str(self._path / name) for name in part["files"]]
@@ -119,7 +121,6 @@ class StageDataset(AbstractDataset[StageOutput, "Dataset | DatasetDict | StageOu
         if part["indices"]:
             indices = MemoryMappedTable.from_file(str(self._path / part["indices"]))
             dataset = Dataset(dataset.data, indices_table=indices, fingerprint=fingerprint)
-        dataset._fingerprint = fingerprint  # what the next stage's fingerprint is built on
         return dataset
 
     def _save(self, data: StageOutput) -> None:
@@ -135,8 +136,8 @@ class StageDataset(AbstractDataset[StageOutput, "Dataset | DatasetDict | StageOu
         try:
             parts = data.data if isinstance(data.data, DatasetDict) else {"": data.data}
             names: dict[str, str] = {}  # source file -> its name here (splits may share files)
-            layout = {name: self._store(split, name, tmp, names) for name, split in parts.items()}
-            (tmp / OUTPUTS).write_text(json.dumps(list(data.outputs), ensure_ascii=False, default=str))
+            layout = {name: self._store(split, name, tmp, names, data.staging) for name, split in parts.items()}
+            (tmp / OUTPUTS).write_text(json.dumps(data.outputs, ensure_ascii=False, default=str))
             stored = {"fingerprint": data.fingerprint, "settings": data.settings, "parts": layout}
             (tmp / LAYOUT).write_text(json.dumps(stored, indent=1, ensure_ascii=False))
             swap_into_place(tmp, target)
@@ -165,7 +166,9 @@ class StageDataset(AbstractDataset[StageOutput, "Dataset | DatasetDict | StageOu
             for p in parts
         )
 
-    def _store(self, dataset: Dataset, name: str, tmp: Path, names: dict[str, str]) -> dict[str, Any]:
+    def _store(
+        self, dataset: Dataset, name: str, tmp: Path, names: dict[str, str], staging: Staging | None
+    ) -> dict[str, Any]:
         """One split's files in ``tmp``: staged files moved, others linked, in-memory rows written."""
         prefix = name or "data"
         files = table_files(dataset.data)
@@ -177,7 +180,7 @@ class StageDataset(AbstractDataset[StageOutput, "Dataset | DatasetDict | StageOu
         for source in files:
             if source not in names:
                 names[source] = f"{prefix}-{len(names):05d}.arrow"
-                if is_staged(source):
+                if staging is not None and staging.holds(source):
                     shutil.move(source, tmp / names[source])
                 else:  # someone else's file (an earlier stage output, a cache): never move it
                     _link_or_copy(Path(source), tmp / names[source])

@@ -11,13 +11,14 @@ from functools import reduce
 from typing import Any
 
 import numpy as np
-from datasets import Dataset, DatasetDict
+from datasets import DatasetDict
 
 from ...config import FormatConfig, ProcessingConfig, parse_config
 from ...data.fingerprint import stage_fingerprint
-from ...data.streaming import map_stage
+from ...data.streaming import Staging, map_stage
 from ...data.tokenizing import SFT_SCHEMA, ChunkTokenizer, TokenizeResult, split
 from ...datasets import BaseModel, StageOutput
+from ...datasets.stage import reuse
 from ...template import TemplateOptions
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ CONTROL_TOKEN_ACTIONS = {
 
 
 def tokenize_conversations(
-    conversations: Dataset,
+    conversations: StageOutput,
     previous: StageOutput | None,
     base_model: BaseModel,
     params: dict[str, Any],
@@ -50,12 +51,11 @@ def tokenize_conversations(
     """Apply the template to every conversation, drop or cut over-long ones, split off validation."""
     config = parse_config(FormatConfig, params, "format")
     work = parse_config(ProcessingConfig, processing, "processing")
-    fingerprint = stage_fingerprint("format", config, conversations._fingerprint, base_model.tokenizer_fingerprint())
-    # previous.settings empty: stored by a version that did not record them; made again so train can read them
-    if previous is not None and previous.fingerprint == fingerprint and previous.settings and not work.overwrite_cache:
+    fingerprint = stage_fingerprint("format", config, conversations.fingerprint, base_model.tokenizer_fingerprint())
+    # no settings: stored by a version that did not record them; made again so train can read them
+    if (last := reuse(previous, fingerprint, work.overwrite_cache)) and last.settings:
         logger.info("Format: conversations, parameters and tokenizer unchanged, reusing the tokenized dataset")
-        report, dropped = previous.outputs
-        return previous, {**report, "reused": True}, dropped
+        return last, {**last.outputs["report"], "reused": True}, last.outputs["dropped"]
     tokenizer = base_model.load_tokenizer()
     options = TemplateOptions(
         cutoff_len=config.cutoff_len,
@@ -64,16 +64,18 @@ def tokenize_conversations(
         tokenization=config.tokenization,
     )
     encode = ChunkTokenizer(tokenizer, options, config.overlength, config.compare_tokenizations, config.control_tokens)
-    examples, results = map_stage("format", conversations, encode, SFT_SCHEMA, work)
+    staging = Staging("format")
+    examples, results = map_stage(conversations.data, encode, SFT_SCHEMA, work, staging)
     found = reduce(TokenizeResult.add, results, TokenizeResult())
-    assert found.stats["examples"] + len(found.dropped) == len(conversations)  # nothing vanishes
+    assert found.stats["examples"] + len(found.dropped) == len(conversations.data)  # nothing vanishes
     held_out = np.array(found.held_out, dtype=bool)
     if held_out.any() and config.val_size:
         logger.warning("format.val_size=%s ignored: ingest.eval_dataset is the validation split", config.val_size)
     splits = split(examples, held_out, config.val_size, config.seed)
-    report = _report(len(conversations), found, config, splits)
+    report = _report(len(conversations.data), found, config, splits)
     report["fingerprint"] = fingerprint
-    output = StageOutput(splits, fingerprint, (report, found.dropped), settings=data_settings(config))
+    outputs = {"report": report, "dropped": found.dropped}
+    output = StageOutput(splits, fingerprint, outputs, settings=data_settings(config), staging=staging)
     return output, {**report, "reused": False}, found.dropped
 
 

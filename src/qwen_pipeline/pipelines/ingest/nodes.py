@@ -28,8 +28,9 @@ from ...data.converters import (
 )
 from ...data.fingerprint import stage_fingerprint
 from ...data.mixing import mix, selected_rows
-from ...data.streaming import map_stage
+from ...data.streaming import Staging, map_stage
 from ...datasets import RawDatasets, StageOutput
+from ...datasets.stage import reuse
 from ...errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -49,12 +50,12 @@ def ingest_datasets(
         )
     names = [*config.dataset, *config.eval_dataset]
     key = stage_fingerprint("ingest", config, [(n, raw.fingerprint(n)) for n in names])
-    if previous is not None and previous.fingerprint == key and not work.overwrite_cache:
-        logger.info("Ingest: datasets and parameters unchanged, reusing %d records", len(previous.data))
-        (report,) = previous.outputs
-        return previous, {**report, "reused": True}
+    if last := reuse(previous, key, work.overwrite_cache):
+        logger.info("Ingest: datasets and parameters unchanged, reusing %d records", len(last.data))
+        return last, {**last.outputs["report"], "reused": True}
     report: dict[str, Any] = {"datasets": {}, "mix_strategy": config.mix_strategy, "reused": False}
-    train = [_read_dataset(raw, name, config, work, report) for name in config.dataset]
+    staging = Staging("ingest")
+    train = [_read_dataset(raw, name, config, work, report, staging) for name in config.dataset]
     mixed, in_mix = mix(train, config.mix_strategy, config.interleave_probs, config.seed)
     for name, count in zip(config.dataset, in_mix):
         report["datasets"][name]["in_mix"] = count
@@ -64,13 +65,15 @@ def ingest_datasets(
             config.mix_strategy,
             ", ".join(f"{n} {d['in_mix']} of {d['selected']}" for n, d in report["datasets"].items()),
         )
-    held_out = [_read_dataset(raw, name, config, work, report, split="validation") for name in config.eval_dataset]
+    held_out = [
+        _read_dataset(raw, name, config, work, report, staging, split="validation") for name in config.eval_dataset
+    ]
     for name, part in zip(config.eval_dataset, held_out):  # held out whole for evaluation: not mixed in
         report["datasets"][name]["eval"] = len(part)
     records = concatenate_datasets([mixed, *held_out]) if held_out else mixed
     report["records"] = len(records)
     _same_files(report)
-    return StageOutput(records, key, (report,)), report
+    return StageOutput(records, key, {"report": report}, staging=staging), report
 
 
 def _read_dataset(
@@ -79,6 +82,7 @@ def _read_dataset(
     config: IngestConfig,
     work: ProcessingConfig,
     report: dict[str, Any],
+    staging: Staging,
     split: str | None = None,
 ) -> Dataset:
     """One dataset's selected records as conversation rows (or errors); its counts go into ``report``."""
@@ -105,7 +109,7 @@ def _read_dataset(
         split=split,
         openai_thinking_suffix=config.openai_thinking_suffix,
     )
-    converted, results = map_stage("ingest", source, convert, CONVERSATION_SCHEMA, work)
+    converted, results = map_stage(source, convert, CONVERSATION_SCHEMA, work, staging)
     found = reduce(ConvertResult.add, results, ConvertResult())
     _check_mapped_columns(where, formatting, columns if "columns" in info else {}, found, table)
     for key in ignorable_fields(formatting, columns):

@@ -12,13 +12,12 @@ import logging
 from functools import reduce
 from typing import Any
 
-from datasets import Dataset
-
 from ...config import ProcessingConfig, ValidateConfig, parse_config
 from ...data.fingerprint import stage_fingerprint
-from ...data.streaming import map_stage
+from ...data.streaming import Staging, map_stage
 from ...data.validation import KEPT_SCHEMA, CheckResult, ChunkChecker
 from ...datasets import StageOutput
+from ...datasets.stage import reuse
 from ...errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -33,20 +32,21 @@ WARNING_TEXT = {
 
 
 def validate_conversations(
-    raw_conversations: Dataset, previous: StageOutput | None, params: dict[str, Any], processing: dict[str, Any]
+    raw_conversations: StageOutput, previous: StageOutput | None, params: dict[str, Any], processing: dict[str, Any]
 ) -> tuple[StageOutput, list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
     """Split records into kept conversations and rejected records; report the counts."""
     config = parse_config(ValidateConfig, params, "validate")
     work = parse_config(ProcessingConfig, processing, "processing")
-    fingerprint = stage_fingerprint("validate", config, raw_conversations._fingerprint)
-    if previous is not None and previous.fingerprint == fingerprint and not work.overwrite_cache:
-        logger.info("Validate: records and parameters unchanged, reusing %d conversations", len(previous.data))
-        rejected, report, metrics = previous.outputs
-        return previous, rejected, {**report, "reused": True}, metrics
+    fingerprint = stage_fingerprint("validate", config, raw_conversations.fingerprint)
+    if last := reuse(previous, fingerprint, work.overwrite_cache):
+        logger.info("Validate: records and parameters unchanged, reusing %d conversations", len(last.data))
+        report = {**last.outputs["report"], "reused": True}
+        return last, last.outputs["rejected"], report, last.outputs["metrics"]
     check = ChunkChecker(frozenset(config.reject))
-    kept, results = map_stage("validate", raw_conversations, check, KEPT_SCHEMA, work)
+    staging = Staging("validate")
+    kept, results = map_stage(raw_conversations.data, check, KEPT_SCHEMA, work, staging)
     found = reduce(CheckResult.add, results, CheckResult())
-    read, rejected = len(raw_conversations), found.rejected
+    read, rejected = len(raw_conversations.data), found.rejected
     assert read == len(kept) + len(rejected)  # nothing vanishes
     report = {
         "read": read,
@@ -80,14 +80,15 @@ def validate_conversations(
     metrics = {key: {"value": float(report[key]), "step": 0} for key in ("read", "kept", "rejected")}
     for name, counts in report["by_dataset"].items():  # e.g. validate.alpaca_demo.rejected
         metrics.update({f"{name}.{key}": {"value": float(v), "step": 0} for key, v in counts.items()})
-    return StageOutput(kept, fingerprint, (rejected, report, metrics)), rejected, report, metrics
+    outputs = {"rejected": rejected, "report": report, "metrics": metrics}
+    return StageOutput(kept, fingerprint, outputs, staging=staging), rejected, report, metrics
 
 
 def accept_conversations(validated: StageOutput, params: dict[str, Any]) -> StageOutput:
     """The validated conversations, unless too many records were rejected: then the run stops here,
     after the rejected records and the validation report of this run were written."""
     config = parse_config(ValidateConfig, params, "validate")
-    _, report, _ = validated.outputs  # (rejected records, report, metrics), as validate_conversations made them
+    report = validated.outputs["report"]
     if report["accepted"]:
         return validated
     read, rejected = report["read"], report["rejected"]
