@@ -179,7 +179,7 @@ def test_invalid_dataset_info_names_file_and_line(tmp_path):
 def test_demo_data_keeps_all_but_the_two_planted_errors():
     from pathlib import Path
 
-    raw = DatasetInfoDataset(filepath=str(Path(__file__).parents[1] / "data/01_raw/dataset_info.json")).load()
+    raw = DatasetInfoDataset(filepath=str(Path(__file__).parents[2] / "data/01_raw/dataset_info.json")).load()
     records, _ = ingest(raw, {"dataset": ["alpaca_demo", "sharegpt_demo"]})
     kept, rejected, report, metrics = validate(records, {})
     assert (report["read"], report["kept"], report["rejected"]) == (362, 360, 2)

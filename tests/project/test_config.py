@@ -21,7 +21,7 @@ from qwen_pipeline.config import (
 )
 from qwen_pipeline.settings import CONFIG_LOADER_ARGS
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 SECTIONS = {
     "model": ModelConfig,
     "ingest": IngestConfig,

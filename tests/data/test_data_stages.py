@@ -21,8 +21,8 @@ from qwen_pipeline.pipelines.ingest.nodes import ingest_datasets
 from qwen_pipeline.pipelines.validate.nodes import validate_conversations
 from qwen_pipeline.template import TemplateOptions, encode_conversations
 
-PARITY = Path(__file__).parent / "data" / "parity"
-DEMO = Path(__file__).parents[1] / "data" / "01_raw"
+PARITY = Path(__file__).parents[1] / "fixtures" / "parity"
+DEMO = Path(__file__).parents[2] / "data" / "01_raw"
 NAMES = ["alpaca_parity", "sharegpt_parity", "openai_parity"]
 
 
