@@ -37,6 +37,7 @@ def stages(info: Path, names: list[str], format_params: dict, **processing):
     return records, kept, rejected, report, ids, labels, format_report, dropped
 
 
+@pytest.mark.slow  # a pool of two forked processes per stage
 @pytest.mark.parametrize("info,names", [(PARITY / "dataset_info.json", NAMES), (DEMO / "dataset_info.json", None)])
 def test_two_processes_in_small_chunks_give_the_output_of_one(info, names, embedded_dir):
     names = names or ["alpaca_demo", "sharegpt_demo"]
@@ -51,6 +52,7 @@ def test_two_processes_in_small_chunks_give_the_output_of_one(info, names, embed
     assert len(ids["validation"]) == format_report["splits"]["validation"] > 0
 
 
+@pytest.mark.slow  # a pool of two forked processes
 @pytest.mark.parametrize("setting", [{}, {"cutoff_len": 64}, {"train_on_prompt": True}, {"mask_history": True}])
 def test_streamed_format_equals_the_template_on_the_whole_list(setting, tokenizer):
     """The chunked stage writes, in order, exactly what encoding the whole list in memory gives."""

@@ -222,6 +222,7 @@ def _resume_rank(rank: int, port: int, dirs: list[str], out) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes in a gloo group
 def test_rank_zero_decides_whether_to_resume_for_every_rank(tmp_path):
     """Only rank 0 writes checkpoints: a rank whose own view of the folder has none (another node's disk, or a
     relative path from another working directory) still resumes from rank 0's, never starting fresh beside it."""
