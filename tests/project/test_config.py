@@ -39,7 +39,8 @@ def test_every_shipped_parameters_file_loads_into_its_config():
     params = loader["parameters"]
     assert set(params) == set(SECTIONS)
     for section, cls in SECTIONS.items():
-        assert isinstance(parse_config(cls, params[section], section), cls)
+        config = parse_config(cls, params[section], section)
+        assert {key: getattr(config, key) for key in params[section]} == params[section]  # every value, as written
 
 
 def test_all_problems_are_collected_and_named():
@@ -119,5 +120,4 @@ def test_shipped_deepspeed_configs(name, stage, offload):
     ):
         assert config[key] == "auto"
     train = parse_config(TrainConfig, {"deepspeed": str(path)}, "train")
-    problems = environment_problems(train, cuda=False)
-    assert all("no DeepSpeed config" not in p and "not valid JSON" not in p for p in problems)
+    assert environment_problems(train, cuda=False) == []

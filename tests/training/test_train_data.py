@@ -201,7 +201,11 @@ def test_settings_round_trip_through_the_stage_dataset(tmp_path, nothing_loads):
     assert row_lengths(loaded.data["train"]).tolist() == [3, 4] and loaded.data["validation"]["labels"] == [
         [-100, -100, -100, 3, 4]
     ]
-    assert isinstance(StageDataset(path=str(path)).load(), DatasetDict)  # the plain view is unchanged
+    plain = StageDataset(path=str(path)).load()  # the plain view is unchanged: the splits themselves
+    assert type(plain) is DatasetDict
+    assert {name: split.to_dict() for name, split in plain.items()} == {
+        name: split.to_dict() for name, split in loaded.data.items()
+    }
     assert StageDataset(path=str(path), previous=True).load().settings == settings
 
     # Same fingerprint, other settings: stored again (what is on disk must say what the data was made with).
@@ -348,7 +352,12 @@ def test_the_plan_is_in_the_summary_and_metrics_and_warn_goes_on(trained, monkey
     assert summary["plan.available_gb"] == 0.062 and summary["plan.fits"] == 0.0
     assert summary["plan.total_gb"] == pytest.approx(sum(summary[f"plan.{t}_gb"] for t in memory.TERMS), abs=0.01)
     assert metrics["plan.total_gb"]["value"] == summary["plan.total_gb"]
-    assert any("train.memory_check=warn" in m for m in caplog.messages)
+    warned = [m for m in caplog.messages if m.startswith("memory plan: ")]  # the error's one message, logged
+    assert len(warned) == 1 and re.fullmatch(
+        r"memory plan: [\d.]+ GiB per cpu needed, 0\.06 GiB available; biggest: overhead [\d.]+ GiB, .*"
+        r"\(train\.memory_check=warn to try anyway\)",
+        warned[0],
+    ), caplog.messages
 
 
 def test_memory_check_off_makes_no_plan(trained):
