@@ -3,7 +3,7 @@
 Runs inside a separate environment with `llamafactory==0.9.5` installed (see README.md beside this
 file); it only calls LLaMA-Factory's public entry points and writes JSON. Usage:
 
-    python make_golden.py --tokenizer DIR --dataset-dir tests/data/parity --out tests/data/parity/golden.json
+    python make_golden.py --tokenizer DIR --dataset-dir tests/fixtures/parity --out tests/fixtures/parity/golden.json
 """
 
 from __future__ import annotations

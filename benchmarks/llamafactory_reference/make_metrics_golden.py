@@ -1,12 +1,12 @@
 """Golden BLEU-4 / ROUGE values from LLaMA-Factory 0.9.5's own `ComputeSimilarity` (run in its venv).
 
 Each (predict, label) pair is encoded with the embedded tokenizer, handed to ComputeSimilarity as token ids
-(as the Trainer does after generation), and its scores written out; tests/test_metrics.py checks that ours
+(as the Trainer does after generation), and its scores written out; tests/evaluate/test_metrics.py checks that ours
 are the same. Needs jieba, rouge-chinese and nltk in the LLaMA-Factory venv.
 
     PYTHONPATH=/tmp/lfstub /tmp/lfvenv/bin/python benchmarks/llamafactory_reference/make_metrics_golden.py \
       --tokenizer "$(.venv/bin/python -c 'from qwen_pipeline.embedded import ensure_embedded_model as e; print(e())')" \
-      --out tests/data/parity/metrics_golden.json
+      --out tests/fixtures/parity/metrics_golden.json
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under torchrun: the recipe's set-up and model load under ZeRO-3, then this
+"""Run by tests/runs/test_distributed.py under torchrun: the recipe's set-up and model load under ZeRO-3, then this
 process's memory (before and at its peak, sampled every 5 ms while it loads: anonymous memory, which the process
 owns, and mapped file pages, the page cache of the checkpoint) and the bytes of weights it holds, as JSON."""
 

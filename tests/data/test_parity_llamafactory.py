@@ -1,6 +1,6 @@
 """Golden test: our format stage gives LLaMA-Factory 0.9.5's input_ids and labels, token for token.
 
-tests/data/parity/golden.json was made by benchmarks/llamafactory_reference/make_golden.py with
+tests/fixtures/parity/golden.json was made by benchmarks/llamafactory_reference/make_golden.py with
 llamafactory==0.9.5 (template qwen, stage sft) over the same files and the same tokenizer.
 """
 
@@ -16,7 +16,7 @@ from qwen_pipeline.conversation import Conversation, Message, Source
 from qwen_pipeline.datasets import DatasetInfoDataset
 from qwen_pipeline.template import DEFAULT_SYSTEM, TemplateOptions, encode_conversations, flat_ids, tokenize_turns
 
-PARITY = Path(__file__).parent / "data" / "parity"
+PARITY = Path(__file__).parents[1] / "fixtures" / "parity"
 GOLDEN = json.loads((PARITY / "golden.json").read_text())
 
 

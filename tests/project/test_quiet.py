@@ -7,7 +7,7 @@ from pathlib import Path
 
 from qwen_pipeline import quiet
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SITE = "/venv/lib/python3.11/site-packages"
 
 

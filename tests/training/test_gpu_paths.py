@@ -85,7 +85,10 @@ def test_lora_under_bf16_keeps_the_base_in_bf16_and_trains_float32_adapters(data
     dtypes = {name: p.dtype for name, p in result.model.named_parameters()}
     trained = {name for name, p in result.model.named_parameters() if p.requires_grad}
     assert {dtypes[n] for n in trained} == {torch.float32}
-    assert any("modules_to_save" in n for n in trained)  # a full copy of embed_tokens trains, in float32 too
+    # a full copy of embed_tokens trains, in float32 too
+    assert {n for n in trained if "modules_to_save" in n} == {
+        "base_model.model.model.embed_tokens.modules_to_save.default.weight"
+    }
     assert {dtypes[n] for n in dtypes if n not in trained} == {torch.bfloat16}
     assert optimizer_state_dtypes(trainer) == {torch.float32}
 
@@ -177,7 +180,10 @@ def test_several_nodes_need_master_addr():
         "train.nnodes=2: set MASTER_ADDR to an address of node 0 that every node can reach (without it each node "
         "would look for rank 0 at 127.0.0.1, itself)"
     ]
-    assert environment_problems(TrainConfig(), cuda=False, environ={"NNODES": "3"})[0].startswith("train.nnodes=3:")
+    assert environment_problems(TrainConfig(), cuda=False, environ={"NNODES": "3"}) == [
+        "train.nnodes=3: set MASTER_ADDR to an address of node 0 that every node can reach (without it each node "
+        "would look for rank 0 at 127.0.0.1, itself)"
+    ]
     assert environment_problems(TrainConfig(nnodes=2), cuda=False, environ={"MASTER_ADDR": "10.0.0.1"}) == []
 
 
@@ -206,7 +212,9 @@ def test_every_rank_can_be_made_to_call_the_head_equally_often(trained):
     assert head.calls == [8, 8, 0, 0, 0]
     assert float(padded) == pytest.approx(float(plain), rel=1e-6)
     padded.backward()
-    assert hidden.grad is not None and float(hidden.grad.abs().sum()) > 0
+    padded_grad, hidden.grad = hidden.grad, None
+    plain.backward()  # the empty chunks add nothing to the gradient either
+    assert torch.allclose(padded_grad, hidden.grad, rtol=1e-6, atol=1e-8) and float(hidden.grad.abs().sum()) > 0
 
 
 def _resume_rank(rank: int, port: int, dirs: list[str], out) -> None:
@@ -222,6 +230,7 @@ def _resume_rank(rank: int, port: int, dirs: list[str], out) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes in a gloo group
 def test_rank_zero_decides_whether_to_resume_for_every_rank(tmp_path):
     """Only rank 0 writes checkpoints: a rank whose own view of the folder has none (another node's disk, or a
     relative path from another working directory) still resumes from rank 0's, never starting fresh beside it."""

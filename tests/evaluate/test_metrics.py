@@ -77,7 +77,7 @@ def test_scores_are_averaged_over_examples():
 def test_same_scores_as_llamafactory_compute_similarity():
     """Golden values from LLaMA-Factory 0.9.5's ComputeSimilarity, one pair at a time
     (benchmarks/llamafactory_reference/make_metrics_golden.py)."""
-    golden = json.loads((Path(__file__).parent / "data/parity/metrics_golden.json").read_text())
+    golden = json.loads((Path(__file__).parents[1] / "fixtures/parity/metrics_golden.json").read_text())
     assert len(golden) == 10
     for case in golden:
         assert example_scores(case["predict"], case["label"]) == case["scores"], case

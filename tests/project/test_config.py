@@ -21,7 +21,7 @@ from qwen_pipeline.config import (
 )
 from qwen_pipeline.settings import CONFIG_LOADER_ARGS
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 SECTIONS = {
     "ingest": IngestConfig,
     "validate": ValidateConfig,
@@ -38,7 +38,8 @@ def test_every_shipped_parameters_file_loads_into_its_config():
     params = loader["parameters"]
     assert set(params) == set(SECTIONS)
     for section, cls in SECTIONS.items():
-        assert isinstance(parse_config(cls, params[section], section), cls)
+        config = parse_config(cls, params[section], section)
+        assert {key: getattr(config, key) for key in params[section]} == params[section]  # every value, as written
 
 
 @pytest.mark.parametrize(
@@ -136,5 +137,4 @@ def test_shipped_deepspeed_configs(name, stage, offload):
     ):
         assert config[key] == "auto"
     train = parse_config(TrainConfig, {"deepspeed": str(path)}, "train")
-    problems = environment_problems(train, cuda=False)
-    assert all("no DeepSpeed config" not in p and "not valid JSON" not in p for p in problems)
+    assert environment_problems(train, cuda=False) == []

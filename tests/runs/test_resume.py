@@ -14,7 +14,7 @@ import pytest
 from helpers import copy_project
 
 pytestmark = pytest.mark.slow
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 COMMAND = [
     sys.executable,
     "-m",

@@ -234,7 +234,7 @@ def test_advice_names_zero3_when_that_fits(qwen05b):
     need3 = plan_memory(qwen05b, config, shape, zero3, available=80 * GIB).total
     plan = plan_memory(qwen05b, config, shape, zero2, available=need3 + GIB // 4)
     assert not plan.fits
-    assert any(line.startswith("train.deepspeed=conf/base/deepspeed/zero3.json (plan") for line in plan.advice())
+    assert f"train.deepspeed=conf/base/deepspeed/zero3.json (plan {need3 / GIB:.1f} GiB)" in plan.advice()
 
 
 def test_check_memory_raises_one_message_and_warns(qwen05b, caplog):

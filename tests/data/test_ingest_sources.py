@@ -86,8 +86,14 @@ def test_missing_file_is_named(tmp_path):
 
 
 def test_hub_dataset_without_network_fails_clearly(tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub.constants
+
+    # The libraries read these variables when imported: set them, and their flags (else: 23 s of retries).
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(
         DatasetError,
         match=r"could not load 'someone/no-such-set' from the Hugging Face Hub .* "

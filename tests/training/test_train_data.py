@@ -348,7 +348,12 @@ def test_the_plan_is_in_the_summary_and_metrics_and_warn_goes_on(trained, monkey
     assert summary["plan.available_gb"] == 0.062 and summary["plan.fits"] == 0.0
     assert summary["plan.total_gb"] == pytest.approx(sum(summary[f"plan.{t}_gb"] for t in memory.TERMS), abs=0.01)
     assert metrics["plan.total_gb"]["value"] == summary["plan.total_gb"]
-    assert any("train.memory_check=warn" in m for m in caplog.messages)
+    warned = [m for m in caplog.messages if m.startswith("memory plan: ")]  # the error's one message, logged
+    assert len(warned) == 1 and re.fullmatch(
+        r"memory plan: [\d.]+ GiB per cpu needed, 0\.06 GiB available; biggest: overhead [\d.]+ GiB, .*"
+        r"\(train\.memory_check=warn to try anyway\)",
+        warned[0],
+    ), caplog.messages
 
 
 def test_memory_check_off_makes_no_plan(trained):

@@ -153,7 +153,7 @@ def test_zero3_gives_the_losses_of_one_process(finetuning, port, tokenizer, tmp_
     one = run_sft(
         dataset, ModelConfig(), TrainConfig(per_device_train_batch_size=4, output_dir=str(tmp_path / "1"), **common)
     )
-    zero3 = str(Path(__file__).resolve().parents[1] / "conf" / "base" / "deepspeed" / "zero3.json")
+    zero3 = str(Path(__file__).resolve().parents[2] / "conf" / "base" / "deepspeed" / "zero3.json")
     two = launcher.train(
         dataset,
         ModelConfig(),

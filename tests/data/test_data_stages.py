@@ -20,8 +20,8 @@ from qwen_pipeline.pipelines.ingest.nodes import ingest_datasets
 from qwen_pipeline.pipelines.validate.nodes import validate_conversations
 from qwen_pipeline.template import TemplateOptions, encode_conversations
 
-PARITY = Path(__file__).parent / "data" / "parity"
-DEMO = Path(__file__).parents[1] / "data" / "01_raw"
+PARITY = Path(__file__).parents[1] / "fixtures" / "parity"
+DEMO = Path(__file__).parents[2] / "data" / "01_raw"
 NAMES = ["alpaca_parity", "sharegpt_parity", "openai_parity"]
 
 
@@ -36,6 +36,7 @@ def stages(info: Path, names: list[str], format_params: dict, **processing):
     return records, kept, rejected, report, ids, labels, format_report, dropped
 
 
+@pytest.mark.slow  # a pool of two forked processes per stage
 @pytest.mark.parametrize("info,names", [(PARITY / "dataset_info.json", NAMES), (DEMO / "dataset_info.json", None)])
 def test_two_processes_in_small_chunks_give_the_output_of_one(info, names, embedded_dir):
     names = names or ["alpaca_demo", "sharegpt_demo"]
@@ -50,6 +51,7 @@ def test_two_processes_in_small_chunks_give_the_output_of_one(info, names, embed
     assert len(ids["validation"]) == format_report["splits"]["validation"] > 0
 
 
+@pytest.mark.slow  # a pool of two forked processes
 @pytest.mark.parametrize("setting", [{}, {"cutoff_len": 64}, {"train_on_prompt": True}, {"mask_history": True}])
 def test_streamed_format_equals_the_template_on_the_whole_list(setting, tokenizer):
     """The chunked stage writes, in order, exactly what encoding the whole list in memory gives."""

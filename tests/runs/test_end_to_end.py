@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers import copy_project, max_relative_logit_diff
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 

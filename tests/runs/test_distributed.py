@@ -134,7 +134,7 @@ def test_two_processes_give_the_losses_of_one(
         pytest.importorskip("deepspeed")
     monkeypatch.setenv("MASTER_PORT", str(port))
     deepspeed = (
-        str(Path(__file__).resolve().parents[1] / "conf" / "base" / "deepspeed" / f"{zero}.json") if zero else None
+        str(Path(__file__).resolve().parents[2] / "conf" / "base" / "deepspeed" / f"{zero}.json") if zero else None
     )
     double = launcher.train(
         dataset,
@@ -283,8 +283,8 @@ def test_zero3_builds_the_model_partitioned_in_every_process(tmp_path):
     full = sum(p.numel() * 4 for p in model.parameters())
     model.save_pretrained(str(model_dir))
     del model
-    worker = Path(__file__).parent / "workers" / "zero3_load.py"
-    deepspeed = Path(__file__).resolve().parents[1] / "conf" / "base" / "deepspeed" / "zero3.json"
+    worker = Path(__file__).parents[1] / "workers" / "zero3_load.py"
+    deepspeed = Path(__file__).resolve().parents[2] / "conf" / "base" / "deepspeed" / "zero3.json"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
         str(worker), str(model_dir), str(deepspeed), str(tmp_path),

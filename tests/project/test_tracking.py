@@ -7,6 +7,8 @@ import sqlite3
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from qwen_pipeline.tracking.store import PortableArtifactsHook, sqlite_database
 
 
@@ -63,6 +65,7 @@ def test_sqlite_database_names_the_file_behind_the_uri(tmp_path):
     assert sqlite_database("http://mlflow:5000", tmp_path) is None and sqlite_database(None, tmp_path) is None
 
 
+@pytest.mark.slow  # kedro run in a subprocess, after up to 99 `python -c` to find a hash seed
 def test_an_mlflow_run_is_named_after_its_stages_in_run_order(tmp_path, model_cache):
     """Kedro passes `--pipelines` through a set, so the order of the names kedro-mlflow joins into the run name
     followed the hash seed. With a seed that orders the set validate-first, the run is still "ingest+validate"."""

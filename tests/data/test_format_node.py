@@ -10,7 +10,7 @@ from helpers import ingest, tokenize, validate
 
 from qwen_pipeline.datasets import DatasetInfoDataset
 
-PARITY = Path(__file__).parent / "data" / "parity"
+PARITY = Path(__file__).parents[1] / "fixtures" / "parity"
 
 
 @pytest.fixture(scope="module")
