@@ -951,8 +951,8 @@ def eval_memory_row(row: Row, plan: Plan, model_path: str) -> None:
     import torch
     from datasets import Dataset
 
+    from qwen_pipeline.evaluation import eval_loss
     from qwen_pipeline.models import load_causal_lm
-    from qwen_pipeline.pipelines.evaluate.nodes import eval_loss
 
     rows, length = plan.eval_memory_batch
     ids = torch.randint(0, 151643, (rows, length), generator=torch.Generator().manual_seed(0))

@@ -12,14 +12,12 @@ from helpers import base_model_of, demo_examples
 from qwen_pipeline.config import EvaluateConfig
 from qwen_pipeline.datasets import ModelBundle, ModelDataset, ModelFiles
 from qwen_pipeline.errors import DataError
+from qwen_pipeline.evaluation import eval_loss, generate, split_prompt_answer
 from qwen_pipeline.models import EMBEDDED_MODEL, load_causal_lm
 from qwen_pipeline.pipelines.evaluate.nodes import (
     compare_evaluations,
-    eval_loss,
     evaluate_base,
     evaluate_finetuned,
-    generate,
-    split_prompt_answer,
 )
 from qwen_pipeline.template import IGNORE_INDEX
 
