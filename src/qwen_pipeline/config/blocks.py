@@ -1,90 +1,14 @@
-"""Typed configuration: each ``params:<section>`` block becomes a frozen dataclass at a node's edge.
-
-``parse_config`` checks every key (unknown names, wrong types, values out of range) and
-raises one ``ConfigError`` listing all problems, each naming its key, before any work starts.
-"""
+"""The parameters blocks as frozen dataclasses, one per ``params:<section>``, each key with its type,
+default and what it means; ``problems`` checks the values a type cannot."""
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
-import types
-import typing
-from collections.abc import Mapping
-from typing import Any, Literal, TypeVar, Union
+from typing import Literal
 
-from .conversation import WarningKind
-from .errors import QwenPipelineError
-from .models import EMBEDDED_MODEL
-
-T = TypeVar("T")
-
-
-class ConfigError(QwenPipelineError, ValueError):
-    """One or more configuration problems, each naming its key."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        if len(problems) == 1:  # one line
-            super().__init__(f"invalid configuration: {problems[0]}")
-        else:
-            super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return True
-    if origin in (Union, types.UnionType):
-        return any(_matches(value, h) for h in typing.get_args(hint))
-    if origin is Literal:
-        return value in typing.get_args(hint)
-    if origin in (list, tuple):
-        (item,) = typing.get_args(hint)[:1] or (Any,)
-        return isinstance(value, (list, tuple)) and all(_matches(v, item) for v in value)
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
-def _describe(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(h) for h in typing.get_args(hint))
-    if origin is Literal:
-        return "one of " + ", ".join(repr(v) for v in typing.get_args(hint))
-    if origin in (list, tuple):
-        return f"a list of {_describe(typing.get_args(hint)[0])}"
-    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
-
-
-def parse_config(cls: type[T], data: Mapping[str, Any] | None, section: str) -> T:
-    """Build ``cls`` from a parameters block, collecting every problem before raising."""
-    data = dict(data or {})
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    problems = []
-    for key in data:
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.append(f"{section}.{key}: unknown parameter{hint}")
-    for key in names:
-        if key in data and not _matches(data[key], hints[key]):
-            problems.append(f"{section}.{key}: expected {_describe(hints[key])}, got {data[key]!r}")
-    if problems:
-        raise ConfigError(problems)
-    kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()}
-    config = cls(**kwargs)
-    check = getattr(config, "problems", None)
-    if check is not None and (found := check()):
-        raise ConfigError([f"{section}.{p}" for p in found])
-    return config
+from ..conversation import WarningKind
+from ..models import EMBEDDED_MODEL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +78,7 @@ class ProcessingConfig:
 
     @property
     def processes(self) -> int:
-        from .data.streaming import default_num_proc
+        from ..data.streaming import default_num_proc
 
         return self.num_proc or default_num_proc()
 
@@ -346,58 +270,3 @@ class EvaluateConfig:
         if self.max_samples is not None and self.max_samples < 0:
             found.append(f"max_samples: must be 0 or more, got {self.max_samples}")
         return found
-
-
-# --- rules that span stages ------------------------------------------------------------------------
-
-# Which class parses each params:<block>.
-BLOCKS: dict[str, type] = {
-    "model": ModelConfig,
-    "ingest": IngestConfig,
-    "processing": ProcessingConfig,
-    "validate": ValidateConfig,
-    "format": FormatConfig,
-    "train": TrainConfig,
-    "merge": MergeConfig,
-    "evaluate": EvaluateConfig,
-}
-
-
-def pack_length(train: TrainConfig, cutoff_len: int) -> int:
-    """Tokens per packed sequence: ``train.pack_length``, or when not set the ``cutoff_len`` the data was
-    made with (the train node reads it from the tokenized dataset, not from params:format)."""
-    return train.pack_length or cutoff_len
-
-
-def run_problems(parameters: Mapping[str, Any], blocks: set[str], stages: set[str]) -> tuple[list[str], list[str]]:
-    """Every problem of the ``blocks`` a run reads, and of the rules across its ``stages``, as
-    (errors, warnings): found before any node runs."""
-    found, warnings, parsed = [], [], {}
-    if "model" in parameters:  # --params model.<key>=...: base_model's settings, read by the catalog
-        blocks = blocks | {"model"}
-    for name in sorted(blocks & set(BLOCKS)):
-        try:
-            parsed[name] = parse_config(BLOCKS[name], parameters.get(name), name)
-        except ConfigError as exc:
-            found += exc.problems
-    fmt, train, ingest = parsed.get("format"), parsed.get("train"), parsed.get("ingest")
-    packs = train and (train.packing or train.neat_packing) and train.pack_length is not None
-    # Only when this run formats the data: otherwise train checks pack_length against the data it reads,
-    # whose cutoff_len may not be params:format's.
-    if fmt and packs and "format" in stages:
-        if train.pack_length < fmt.cutoff_len:
-            found.append(
-                f"train.pack_length={train.pack_length} is below format.cutoff_len={fmt.cutoff_len}: with packing "
-                "every longer example would be cut to pack_length. Raise pack_length, or leave it unset (it then "
-                "follows cutoff_len)"
-            )
-    if fmt and ingest and not fmt.val_size and not ingest.eval_dataset:
-        message = (
-            "format.val_size is 0 and ingest.eval_dataset is empty: there is no validation split to evaluate on. "
-            "Set format.val_size (e.g. 0.1) or ingest.eval_dataset"
-        )
-        if "evaluate" in stages:
-            found.append(message)
-        elif "format" in stages:
-            warnings.append(message + " before running the evaluate pipeline")
-    return found, warnings
