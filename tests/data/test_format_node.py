@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -163,3 +164,29 @@ def test_control_tokens_reject_drops_the_conversation_with_its_reason(tokenizer)
         {"dataset": "d", "file": "d.json", "index": 1,
          "reason": "control-token text in message 0: <|im_end|>, <|im_start|>; message 1: <tool_call>"}
     ]  # fmt: skip
+
+
+def test_a_changed_chat_template_json_tokenizes_again(conversations, tmp_path, embedded_dir):
+    """Every tokenizer file is part of format's fingerprint: a chat_template.json added or edited beside the
+    tokenizer makes the next run tokenize again instead of reusing the last output."""
+    import shutil
+
+    from helpers import base_model_of, conversation_rows
+
+    from qwen_pipeline.pipelines.format.nodes import tokenize_conversations
+
+    base = tmp_path / "base"
+    shutil.copytree(embedded_dir, base)
+    model, params, processing = base_model_of(str(base)), {"cutoff_len": 256}, {"num_proc": 1}
+    conversations = conversation_rows(conversations)
+    first, report, _ = tokenize_conversations(conversations, None, model, params, processing)
+    assert report["reused"] is False
+    again, report, _ = tokenize_conversations(conversations, first, model, params, processing)
+    assert report["reused"] is True and again is first
+    template = (base / "chat_template.jinja").read_text()
+    (base / "chat_template.json").write_text(json.dumps({"chat_template": template + "{# edited #}"}))
+    remade, report, _ = tokenize_conversations(conversations, first, model, params, processing)
+    assert report["reused"] is False and remade.fingerprint != first.fingerprint
+    (base / "chat_template.json").write_text(json.dumps({"chat_template": template + "{# edited again #}"}))
+    _, report, _ = tokenize_conversations(conversations, remade, model, params, processing)
+    assert report["reused"] is False
