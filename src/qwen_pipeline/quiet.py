@@ -1,8 +1,8 @@
 """The console without libraries' noise: the warning filters of ``conf/warnings.yml``, and the logger
 levels of ``conf/logging.yml`` held against libraries that reset them.
 
-The filters are applied when the package is imported: Kedro imports it (settings) before it loads its
-plugins, whose imports raise some of those warnings.
+The filters are installed by ``settings.py`` (Kedro reads it before it loads its plugins, whose imports
+raise some of those warnings) and by the training workers.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from kedro.framework.hooks import hook_impl
 FILTERS = Path("conf") / "warnings.yml"
 
 
-def install(project: Path | None = None) -> None:
+def install_warning_filters(project: Path | None = None) -> None:
     """Apply the filters of ``<project>/conf/warnings.yml`` (project: the Kedro project above the
     current folder), if there is one."""
     if project is None:

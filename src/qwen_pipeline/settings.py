@@ -2,11 +2,15 @@
 
 from kedro.config import OmegaConfigLoader
 
-from .quiet import LoggerLevelsHook
+from .quiet import LoggerLevelsHook, install_warning_filters
 from .stale import StaleOutputsHook
 from .summary import RunSummaryHook
 from .tracking.run_names import RunNameHook
 from .tracking.store import PortableArtifactsHook
+
+# conf/warnings.yml's filters, now: Kedro reads these settings before it loads its plugins, whose imports
+# raise some of those warnings (the training workers install them too: training/__main__.py).
+install_warning_filters()
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

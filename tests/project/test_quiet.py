@@ -24,7 +24,7 @@ def test_library_notices_are_dropped_where_shown_and_ours_are_not():
     saved = warnings.showwarning
     try:
         warnings.showwarning = lambda message, category, *_args, **_kw: SEEN.append(f"{category.__name__}: {message}")
-        quiet.install(ROOT)
+        quiet.install_warning_filters(ROOT)
         # ahead of our filters (as torch and Kedro do): only the show-time rules can drop these
         warnings.simplefilter("default")
         notice = "Option '--pipeline' is deprecated"

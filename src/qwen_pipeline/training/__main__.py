@@ -13,11 +13,13 @@ import os
 import sys
 from pathlib import Path
 
+from ..quiet import install_warning_filters
 from .launcher import read_work_folder, train_and_save
 
 
 def main(work: Path) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    install_warning_filters()  # conf/warnings.yml, as in the kedro run that started this worker
     dataset, model_config, config = read_work_folder(work)
     result = train_and_save(dataset, model_config, config, work / "model")
     if int(os.environ.get("RANK", "0")) == 0:  # rank-0-only work: what the launcher reads back
