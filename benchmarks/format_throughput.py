@@ -138,13 +138,13 @@ def run_ours(dataset_dir: str, datasets: list[str], cutoff_len: int, out: str, c
 
 def run_ceiling(dataset_dir: str, datasets: list[str]) -> dict:
     """The ceiling: one batched call of the Rust tokenizer over the same rendered texts."""
-    from qwen_pipeline.conversation import Conversation
+    from qwen_pipeline.conversation import ConversationColumns
     from qwen_pipeline.models import EMBEDDED_MODEL, load_tokenizer
-    from qwen_pipeline.template import turn_pieces
+    from qwen_pipeline.template import render
 
     tokenizer = load_tokenizer(EMBEDDED_MODEL)
-    kept = stages(dataset_dir, datasets, None).to_list()
-    texts = ["".join(p for s, t in turn_pieces(Conversation.from_dict(c)) for p in (*s, t)) for c in kept]
+    pieces = render(ConversationColumns.from_table(stages(dataset_dir, datasets, None).with_format("arrow")[:]))
+    texts = [pieces.text(k) for k in range(len(pieces))]
     started = time.perf_counter()
     tokenizer(texts, add_special_tokens=False)
     return {"seconds": time.perf_counter() - started, "records": len(texts)}
