@@ -2,20 +2,26 @@
 
 Both tokenize the same generated records (half alpaca, half sharegpt) with the same tokenizer (the
 embedded Qwen2.5 one), in one process each, in this run; the outputs are checked to be identical.
-Prints records/s and tokens/s for both, the ratio, peak RSS of both, and the raw ceiling: one
-batched tokenizer call over the same rendered texts.
+Ours is timed from the files to the tokenized dataset (ingest, validate, format), LLaMA-Factory's
+get_dataset likewise, both with the tokenizer already loaded. Prints records/s and tokens/s for
+both, the ratio, peak RSS of both, and the raw ceiling: one batched tokenizer call over the same
+rendered texts (that call alone is timed). ``--repeat N`` runs every side N times, round after
+round, and prints medians and ranges (ratios within a round share the machine's load).
 
-    .venv/bin/python benchmarks/format_throughput.py --llamafactory-python /tmp/lfvenv/bin/python
-    (set up the LLaMA-Factory venv as in benchmarks/llamafactory_reference/README.md; add
-    PYTHONPATH=/tmp/lfstub for its torchaudio stand-in; without --llamafactory-python only ours runs)
+    .venv/bin/python benchmarks/format_throughput.py --llamafactory-python /tmp/lfvenv/bin/python --repeat 3
+    (set up the LLaMA-Factory venv as in benchmarks/llamafactory_reference/README.md; its side runs with
+    PYTHONPATH=/tmp/lfstub, its torchaudio stand-in, or $LLAMAFACTORY_PYTHONPATH; without
+    --llamafactory-python only ours runs)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -120,10 +126,18 @@ def stages(dataset_dir: str, datasets: list[str], format_params: dict):
 
 
 def run_ours(dataset_dir: str, datasets: list[str], cutoff_len: int, out: str, compare: bool) -> dict:
-    """One pass of our stages on the files, tokenizer already loaded (as on the LLaMA-Factory side)."""
-    from qwen_pipeline.models import EMBEDDED_MODEL, load_tokenizer
+    """One pass of our stages on the files, tokenizer already loaded (as on the LLaMA-Factory side, whose
+    get_dataset is handed a loaded one): the format node's own load_tokenizer call gets this one back
+    instead of reading the files again (1.3-2.3 s here)."""
+    from qwen_pipeline import models
 
-    load_tokenizer(EMBEDDED_MODEL)
+    loaded = models.load_tokenizer(models.EMBEDDED_MODEL)
+    models.load_tokenizer = lambda *args, **kwargs: loaded  # before the node's module imports it
+    # The stages' modules imported before the clock too (0.5 s, mostly `datasets`), as LLaMA-Factory's
+    # side imports get_dataset before starting its own.
+    importlib.import_module("qwen_pipeline.datasets")
+    for stage in ("ingest", "validate", "format"):
+        importlib.import_module(f"qwen_pipeline.pipelines.{stage}.nodes")
     started = time.perf_counter()
     splits, report = stages(dataset_dir, datasets, {"cutoff_len": cutoff_len, "compare_tokenizations": compare})
     seconds = time.perf_counter() - started
@@ -136,13 +150,13 @@ def run_ours(dataset_dir: str, datasets: list[str], cutoff_len: int, out: str, c
 
 def run_ceiling(dataset_dir: str, datasets: list[str]) -> dict:
     """The ceiling: one batched call of the Rust tokenizer over the same rendered texts."""
-    from qwen_pipeline.conversation import Conversation
+    from qwen_pipeline.conversation import ConversationColumns
     from qwen_pipeline.models import EMBEDDED_MODEL, load_tokenizer
-    from qwen_pipeline.template import turn_pieces
+    from qwen_pipeline.template import render
 
     tokenizer = load_tokenizer(EMBEDDED_MODEL)
-    kept = stages(dataset_dir, datasets, None).to_list()
-    texts = ["".join(p for s, t in turn_pieces(Conversation.from_dict(c)) for p in (*s, t)) for c in kept]
+    pieces = render(ConversationColumns.from_table(stages(dataset_dir, datasets, None).with_format("arrow")[:]))
+    texts = [pieces.text(k) for k in range(len(pieces))]
     started = time.perf_counter()
     tokenizer(texts, add_special_tokens=False)
     return {"seconds": time.perf_counter() - started, "records": len(texts)}
@@ -158,11 +172,48 @@ def child(cmd: list[str], env: dict | None = None) -> tuple[dict, float]:
     return json.loads(out.strip().splitlines()[-1]), usage.ru_maxrss / 1024
 
 
+def one_round(args: argparse.Namespace, tmp: str, datasets: list[str], tokenizer_dir: str) -> dict:
+    """Every side once, back to back: its JSON line, peak RSS, and whether the outputs are identical."""
+    me = [sys.executable, __file__, "--side", "ours", "--dataset-dir", tmp, "--cutoff-len", str(args.cutoff_len)]
+    found = {"rss": {}}
+    found["ours"], found["rss"]["ours"] = child([*me, "--out", f"{tmp}/ours.jsonl"])
+    found["ours_only"], _ = child([*me, "--out", f"{tmp}/ours2.jsonl", "--no-compare"])
+    found["ceiling"], _ = child([sys.executable, __file__, "--side", "ceiling", "--dataset-dir", tmp])
+    if args.llamafactory_python:
+        script = Path(__file__).parent / "llamafactory_reference" / "lf_preprocess.py"
+        found["lf"], found["rss"]["lf"] = child(
+            [
+                args.llamafactory_python,
+                str(script),
+                "--tokenizer",
+                tokenizer_dir,
+                "--dataset-dir",
+                tmp,
+                "--datasets",
+                ",".join(datasets),
+                "--cutoff-len",
+                str(args.cutoff_len),
+                "--out",
+                f"{tmp}/lf.jsonl",
+            ],
+            env={**os.environ, "PYTHONPATH": os.environ.get("LLAMAFACTORY_PYTHONPATH", "/tmp/lfstub")},
+        )
+        found["identical"] = Path(f"{tmp}/ours.jsonl").read_text() == Path(f"{tmp}/lf.jsonl").read_text()
+    return found
+
+
+def spread(values: list[float], form: str) -> str:
+    """The median, and the range when there is more than one value."""
+    middle = format(statistics.median(values), form)
+    return middle if len(values) == 1 else f"{middle} ({format(min(values), form)} - {format(max(values), form)})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=20_000)
     parser.add_argument("--cutoff-len", type=int, default=1024)
     parser.add_argument("--llamafactory-python", help="python of a venv with llamafactory==0.9.5")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of every side; prints medians (and ranges)")
     parser.add_argument("--side", choices=["ours", "ceiling"], help=argparse.SUPPRESS)
     parser.add_argument("--dataset-dir", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -180,65 +231,49 @@ def main() -> None:
 
     tokenizer_dir = str(ensure_embedded_model())
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        write_data(folder, args.records)
-        me = [sys.executable, __file__, "--side", "ours", "--dataset-dir", tmp, "--cutoff-len", str(args.cutoff_len)]
-        ours, ours_rss = child([*me, "--out", f"{tmp}/ours.jsonl"])
-        ours_only, _ = child([*me, "--out", f"{tmp}/ours2.jsonl", "--no-compare"])
-        ceiling_run, _ = child([sys.executable, __file__, "--side", "ceiling", "--dataset-dir", tmp])
-        rows = [
-            ("ours (format stage, default: also counts tokenization mismatches)", ours, ours_rss),
-            ("ours, compare_tokenizations=false", ours_only, None),
-        ]
-        lf = None
-        if args.llamafactory_python:
-            script = Path(__file__).parent / "llamafactory_reference" / "lf_preprocess.py"
-            lf, lf_rss = child(
-                [
-                    args.llamafactory_python,
-                    str(script),
-                    "--tokenizer",
-                    tokenizer_dir,
-                    "--dataset-dir",
-                    tmp,
-                    "--datasets",
-                    ",".join(datasets),
-                    "--cutoff-len",
-                    str(args.cutoff_len),
-                    "--out",
-                    f"{tmp}/lf.jsonl",
-                ],
-                env={**os.environ, "PYTHONPATH": os.environ.get("LLAMAFACTORY_PYTHONPATH", "/tmp/lfstub")},
-            )
-            rows.append(("LLaMA-Factory 0.9.5 preprocessing", lf, lf_rss))
-            identical = Path(f"{tmp}/ours.jsonl").read_text() == Path(f"{tmp}/lf.jsonl").read_text()
-        tokens = ours["tokens"]
-        print(
-            f"{args.records} records ({tokens} tokens, {tokens / ours['records']:.0f} per record), "
-            f"cutoff_len {args.cutoff_len}, one process each"
-        )
-        for name, result, rss in rows:
-            rate = result["records"] / result["seconds"]
+        write_data(Path(tmp), args.records)
+        # Rounds of every side back to back: the ratios within a round share the machine's load.
+        rounds = [one_round(args, tmp, datasets, tokenizer_dir) for _ in range(args.repeat)]
+
+    def rates(side: str) -> list[float]:
+        return [r[side]["records"] / r[side]["seconds"] for r in rounds]
+
+    def ratios(side: str, to: str) -> list[float]:
+        return [a / b for a, b in zip(rates(side), rates(to))]
+
+    records, tokens = rounds[0]["ours"]["records"], rounds[0]["ours"]["tokens"]
+    print(
+        f"{args.records} records ({tokens} tokens, {tokens / records:.0f} per record), "
+        f"cutoff_len {args.cutoff_len}, one process each"
+        + (f"; medians (ranges) of {args.repeat} rounds" if args.repeat > 1 else "")
+    )
+    sides = {
+        "ours": "ours (format stage, default: also counts tokenization mismatches)",
+        "ours_only": "ours, compare_tokenizations=false",
+        "lf": "LLaMA-Factory 0.9.5 preprocessing",
+    }
+    for side, name in sides.items():
+        if side in rounds[0]:
+            rss = rounds[0]["rss"].get(side)
             memory = f", peak RSS {rss:.0f} MiB" if rss else ""
-            print(
-                f"  {name}: {rate:,.0f} records/s, {tokens / result['seconds']:,.0f} tokens/s "
-                f"({result['seconds']:.2f} s){memory}"
-            )
-        ceiling = ceiling_run["records"] / ceiling_run["seconds"]
+            tokens_per_s = statistics.median(rates(side)) * tokens / records
+            print(f"  {name}: {spread(rates(side), ',.0f')} records/s, {tokens_per_s:,.0f} tokens/s{memory}")
+    print(
+        f"  ceiling (one batched tokenizer call over the rendered texts): {spread(rates('ceiling'), ',.0f')} "
+        f"records/s; ours is {spread(ratios('ours', 'ceiling'), '.0%')} of it "
+        f"({spread(ratios('ours_only', 'ceiling'), '.0%')} without the comparison)"
+    )
+    if "lf" in rounds[0]:
+        identical = all(r["identical"] for r in rounds)
+        rss = rounds[0]["rss"]
+        print(f"  outputs identical to LLaMA-Factory's: {identical}")
         print(
-            f"  ceiling (one batched tokenizer call over the rendered texts): {ceiling:,.0f} records/s; "
-            f"ours is {ours['records'] / ours['seconds'] / ceiling:.0%} of it "
-            f"({ours_only['records'] / ours_only['seconds'] / ceiling:.0%} without the comparison)"
+            f"  ratio ours / LLaMA-Factory: {spread(ratios('ours', 'lf'), '.1f')}x records/s "
+            f"({spread(ratios('ours_only', 'lf'), '.1f')}x without the comparison); "
+            f"peak RSS {rss['ours'] / rss['lf']:.2f}x"
         )
-        if lf:
-            print(f"  outputs identical to LLaMA-Factory's: {identical}")
-            print(
-                f"  ratio ours / LLaMA-Factory: {lf['seconds'] / ours['seconds']:.1f}x records/s "
-                f"({lf['seconds'] / ours_only['seconds']:.1f}x without the comparison); "
-                f"peak RSS {ours_rss / lf_rss:.2f}x"
-            )
-            if not identical:
-                raise SystemExit("outputs differ")
+        if not identical:
+            raise SystemExit("outputs differ")
 
 
 if __name__ == "__main__":

@@ -9,10 +9,13 @@ pipelines as Arrow rows of ``CONVERSATION_SCHEMA`` (plain dicts in Python:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 Role = Literal["user", "assistant", "observation", "function"]
 ROLES: tuple[str, ...] = get_args(Role)
@@ -133,6 +136,53 @@ class Conversation:
             source=Source(data["dataset"], data["file"], int(data["index"])),
             system=data.get("system"),
             tools=data.get("tools"),
+        )
+
+
+@dataclass(frozen=True)
+class ConversationColumns:
+    """Many conversations as columns, their messages back to back: what format reads from Arrow rows
+    without building a ``Conversation`` (and a ``Message`` each) per record."""
+
+    systems: list[str | None]
+    tools: list[str | None]
+    roles: list[str]  # every message's, conversation after conversation
+    contents: list[str]
+    starts: np.ndarray  # where each conversation's messages begin, then the message count
+    conversation: Callable[[int], Conversation]  # conversation k in full, for what is said about it
+
+    def __len__(self) -> int:
+        return len(self.systems)
+
+    def rows_of(self, messages: Sequence[int]) -> list[int]:
+        """The conversations these messages (numbers into ``roles`` / ``contents``) belong to, each once."""
+        return np.unique(np.searchsorted(self.starts, messages, side="right") - 1).tolist()
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> ConversationColumns:
+        """Rows of ``CONVERSATION_SCHEMA``."""
+        messages = table.column("messages").combine_chunks()
+        offsets = messages.offsets.to_numpy()  # a sliced array's offsets need not start at 0
+        flat = messages.flatten()
+        return cls(
+            systems=table.column("system").to_pylist(),
+            tools=table.column("tools").to_pylist(),
+            roles=pc.struct_field(flat, "role").to_pylist(),
+            contents=pc.struct_field(flat, "content").to_pylist(),
+            starts=offsets - offsets[0],
+            conversation=lambda k: Conversation.from_dict(table.slice(k, 1).to_pylist()[0]),
+        )
+
+    @classmethod
+    def from_conversations(cls, conversations: Sequence[Conversation]) -> ConversationColumns:
+        messages = [m for c in conversations for m in c.messages]
+        return cls(
+            systems=[c.system for c in conversations],
+            tools=[c.tools for c in conversations],
+            roles=[m.role for m in messages],
+            contents=[m.content for m in messages],
+            starts=np.cumsum([0] + [len(c.messages) for c in conversations]),
+            conversation=conversations.__getitem__,
         )
 
 

@@ -14,13 +14,17 @@ Facts carried from LLaMA-Factory 0.9.5 (template ``qwen``, stage ``sft``):
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from .conversation import Conversation
+import numpy as np
+
+from .conversation import Conversation, ConversationColumns
 
 IGNORE_INDEX = -100
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -33,6 +37,7 @@ PROMPT_PIECES = {
     ),
 }
 ANSWER_PIECES = {"assistant": "{content}<|im_end|>\n", "function": "{content}<|im_end|>\n"}
+PIECES = {**PROMPT_PIECES, **ANSWER_PIECES}
 # Appended to the system prompt when a conversation offers tools (Qwen2.5's tool prompt).
 TOOLS_PROMPT = (
     "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -106,7 +111,7 @@ def _fill(piece: str, content: str) -> str:
     return piece.replace("{content}", content)
 
 
-# Around the data's own text when it is to be escaped (``turn_pieces(mark=True)``): lone surrogates,
+# Around the data's own text when it is to be escaped (``render(mark=True)``): lone surrogates,
 # which no record holds (ingest rejects them; Arrow cannot store them).
 OPEN, CLOSE = "\ud800", "\ud801"
 
@@ -115,35 +120,86 @@ def _marked(text: str) -> str:
     return OPEN + text + CLOSE
 
 
-def turn_pieces(
-    conversation: Conversation, default_system: str = DEFAULT_SYSTEM, mark: bool = False
-) -> list[tuple[list[str], str]]:
-    """The text pieces of each turn: ([source pieces], target piece). Each piece is tokenized alone.
+@dataclass(frozen=True)
+class Pieces:
+    """Many conversations' text in the pieces that are tokenized alone: turn after turn, its source
+    pieces (turn 0: the system piece, then the prompt) then its target piece."""
+
+    texts: list[str]
+    is_target: np.ndarray  # per piece
+    starts: np.ndarray  # where each conversation's pieces begin, then the piece count
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def span(self, k: int) -> range:
+        return range(self.starts[k], self.starts[k + 1])
+
+    def text(self, k: int) -> str:
+        """Conversation k's whole rendered text."""
+        return "".join(self.texts[p] for p in self.span(k))
+
+    def flat(self, k: int, piece_ids: Sequence[Sequence[int]]) -> list[int]:
+        """Conversation k's ids, from the ids of every piece."""
+        return [i for p in self.span(k) for i in piece_ids[p]]
+
+    def turns(self, k: int, piece_ids: Sequence[Sequence[int]]) -> list[TurnIds]:
+        """Conversation k's (source ids, target ids) per turn, from the ids of every piece."""
+        turns, source = [], []
+        for p in self.span(k):
+            if self.is_target[p]:
+                turns.append((source, list(piece_ids[p])))
+                source = []
+            else:
+                source = source + list(piece_ids[p])
+        return turns
+
+
+SIDES = {**dict.fromkeys(PROMPT_PIECES, 0), **dict.fromkeys(ANSWER_PIECES, 1)}  # a turn's message 0 and 1
+
+
+def render(columns: ConversationColumns, default_system: str = DEFAULT_SYSTEM, mark: bool = False) -> Pieces:
+    """The text pieces of every turn of every conversation, all at once. Each piece is tokenized alone.
 
     ``mark``: the data's own text (messages, system prompt, tool specs, call names and arguments)
     stands between ``OPEN`` and ``CLOSE``, so it can be told from the template's text.
     """
     own = _marked if mark else _identity
-    messages = conversation.messages
-    system = own(conversation.system) if conversation.system else default_system
-    turns: list[tuple[list[str], str]] = []
-    for i in range(0, len(messages), 2):
-        prompt, answer = messages[i], messages[i + 1]
-        if prompt.role not in PROMPT_PIECES or answer.role not in ANSWER_PIECES:
-            raise ValueError(
-                f"{conversation.source.describe()}: turn {i // 2} ({prompt.role} -> {answer.role}) "
+    sides = np.array([SIDES.get(role, -1) for role in columns.roles], dtype=np.int8)
+    counts = np.diff(columns.starts)
+    position = np.arange(len(sides)) - np.repeat(columns.starts[:-1], counts)
+    if (sides != position % 2).any() or (counts % 2).any() or not counts.all():  # validate lets none through
+        raise ValueError(next(filter(None, (_unsupported(columns.conversation(k)) for k in range(len(columns))))))
+    systems = [
+        _fill(SYSTEM_PIECE, (own(system) if system else default_system) + (tools_text(tools, own) if tools else ""))
+        for system, tools in zip(columns.systems, columns.tools)
+    ]
+    messages = [
+        _fill(PIECES[role], function_call_text(content, own) if role == "function" else own(content))
+        for role, content in zip(columns.roles, columns.contents)
+    ]
+    texts, starts = [], columns.starts.tolist()
+    for system, first, end in zip(systems, starts, starts[1:]):
+        texts.append(system)
+        texts += messages[first:end]
+    is_target = np.zeros(len(texts), dtype=bool)  # message j of conversation k is piece j + k + 1
+    is_target[np.arange(len(sides)) + np.repeat(np.arange(1, len(counts) + 1), counts)] = sides == 1
+    return Pieces(texts, is_target, columns.starts + np.arange(len(counts) + 1))
+
+
+def _unsupported(conversation: Conversation) -> str | None:
+    """What the qwen template cannot render in this conversation (None: nothing)."""
+    roles = [m.role for m in conversation.messages]
+    if not roles:
+        return f"{conversation.source.describe()}: no messages"
+    for i in range(0, len(roles), 2):
+        prompt, answer = roles[i], roles[i + 1] if i + 1 < len(roles) else "no answer"
+        if prompt not in PROMPT_PIECES or answer not in ANSWER_PIECES:
+            return (
+                f"{conversation.source.describe()}: turn {i // 2} ({prompt} -> {answer}) "
                 "is not supported by the qwen template yet"
             )
-        source = [_fill(PROMPT_PIECES[prompt.role], own(prompt.content))]
-        if i == 0:
-            tools = tools_text(conversation.tools, own) if conversation.tools else ""
-            source.insert(0, _fill(SYSTEM_PIECE, system + tools))
-        if answer.role == "function":
-            content = function_call_text(answer.content, own)
-        else:
-            content = own(answer.content)
-        turns.append((source, _fill(ANSWER_PIECES[answer.role], content)))
-    return turns
+    return None
 
 
 def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:
@@ -186,6 +242,56 @@ def assemble(turns: Sequence[tuple[list[int], list[int]]], options: TemplateOpti
     return Encoded(input_ids=input_ids, labels=labels, full_length=full_length)
 
 
+@dataclass(frozen=True)
+class EncodedBatch:
+    """Many examples' input_ids and labels back to back, ``lengths`` tokens each."""
+
+    input_ids: np.ndarray  # int32
+    labels: np.ndarray  # int32
+    lengths: np.ndarray
+    full_lengths: np.ndarray  # tokens before cutoff_len was applied
+
+    @property
+    def truncated(self) -> np.ndarray:
+        return self.full_lengths > self.lengths
+
+    def select(self, keep: np.ndarray) -> EncodedBatch:
+        tokens = np.repeat(keep, self.lengths)
+        return EncodedBatch(self.input_ids[tokens], self.labels[tokens], self.lengths[keep], self.full_lengths[keep])
+
+    def examples(self) -> list[Encoded]:
+        bounds = np.cumsum(self.lengths)[:-1]
+        rows = zip(np.split(self.input_ids, bounds), np.split(self.labels, bounds), self.full_lengths.tolist())
+        return [Encoded(ids.tolist(), labels.tolist(), full) for ids, labels, full in rows]
+
+
+def assemble_many(pieces: Pieces, piece_ids: Sequence[Sequence[int]], options: TemplateOptions) -> EncodedBatch:
+    """``assemble`` for many conversations at once. One within cutoff_len keeps every token in order
+    (``infer_seqlen`` cuts nothing then, and mask_history's last-first visit rebuilds the same order),
+    so its ids are its pieces' ids back to back, labelled piece by piece; only longer ones are cut one
+    by one by ``assemble``."""
+    piece_lengths = np.fromiter(map(len, piece_ids), dtype=np.int64, count=len(piece_ids))
+    ids = np.fromiter(itertools.chain.from_iterable(piece_ids), dtype=np.int32, count=int(piece_lengths.sum()))
+    labelled = np.ones(len(piece_ids), dtype=bool) if options.train_on_prompt else pieces.is_target.copy()
+    if options.mask_history:  # only each conversation's last answer
+        labelled[:] = False
+        labelled[pieces.starts[1:] - 1] = True
+    labels = np.where(np.repeat(labelled, piece_lengths), ids, np.int32(IGNORE_INDEX))
+    bounds = np.concatenate([[0], np.cumsum(piece_lengths)])[pieces.starts]  # each conversation's first token
+    full_lengths = np.diff(bounds)
+    lengths = full_lengths.copy()
+    id_parts, label_parts, done = [], [], 0
+    for k in np.flatnonzero(full_lengths > options.cutoff_len).tolist():
+        cut = assemble(pieces.turns(k, piece_ids), options)
+        lengths[k] = len(cut.input_ids)
+        id_parts += [ids[done : bounds[k]], np.array(cut.input_ids, dtype=np.int32)]
+        label_parts += [labels[done : bounds[k]], np.array(cut.labels, dtype=np.int32)]
+        done = bounds[k + 1]
+    if id_parts:
+        ids, labels = np.concatenate([*id_parts, ids[done:]]), np.concatenate([*label_parts, labels[done:]])
+    return EncodedBatch(ids, labels, lengths, full_lengths)
+
+
 def batch_encode(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of many texts in one call of the Rust tokenizer (parallel), no special tokens added.
 
@@ -204,48 +310,24 @@ def batch_encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return [by_text[t] for t in texts]
 
 
-def _tokenize_pieces(all_turns: list[list[tuple[list[str], str]]], tokenizer) -> list[list[TurnIds]]:
-    """LLaMA-Factory's way: every piece tokenized on its own (one batched call for all pieces)."""
-    pieces = [p for turns in all_turns for source, target in turns for p in (*source, target)]
-    ids = iter(batch_encode(tokenizer, pieces))
-    out = []
-    for turns in all_turns:
-        tokenized = []
-        for source, _ in turns:
-            source_ids: list[int] = []
-            for _piece in source:
-                source_ids += next(ids)
-            tokenized.append((source_ids, list(next(ids))))
-        out.append(tokenized)
-    return out
-
-
-def _tokenize_whole(all_turns: list[list[tuple[list[str], str]]], tokenizer) -> list[list[TurnIds]]:
-    """Inference servers' way: the whole rendered text tokenized at once (as ``apply_chat_template``).
-
-    Each token is given to the source or target part in which its first character lies, so a
-    token merging the newline after ``assistant`` with an answer's leading newline is prompt.
-    """
-    texts, bounds = [], []
-    for turns in all_turns:
-        text, ends = "", []
-        for source, target in turns:
-            text += "".join(source)
-            ends.append(len(text))
-            text += target
-            ends.append(len(text))
-        texts.append(text)
-        bounds.append(ends)
-    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else None
-    out = []
-    for n, ends in enumerate(bounds):
-        parts: list[list[int]] = [[] for _ in ends]
-        part = 0
-        for token, (start, _end) in zip(encoded["input_ids"][n], encoded["offset_mapping"][n]):
-            while part < len(ends) - 1 and start >= ends[part]:
-                part += 1
-            parts[part].append(token)
-        out.append([(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)])
+def tokenize_pieces(pieces: Pieces, tokenizer, mode: Tokenization) -> list[list[int]]:
+    """Every piece's token ids, in one batched call. "turns": each piece alone (LLaMA-Factory's way);
+    "whole_text": each conversation's whole text at once (as ``apply_chat_template``, inference servers),
+    each token given to the piece in which its first character lies (so a token merging the newline
+    after ``assistant`` with an answer's leading newline is prompt)."""
+    if mode == "turns":
+        return batch_encode(tokenizer, pieces.texts)
+    if not len(pieces):
+        return []
+    texts = [pieces.text(k) for k in range(len(pieces))]
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    ends = list(itertools.accumulate(map(len, pieces.texts)))  # where each piece ends in the texts joined
+    out: list[list[int]] = [[] for _ in pieces.texts]
+    for k, (ids, offsets) in enumerate(zip(encoded["input_ids"], encoded["offset_mapping"])):
+        first, last = pieces.starts[k], pieces.starts[k + 1] - 1
+        before = ends[first - 1] if first else 0
+        for token, (start, _end) in zip(ids, offsets):
+            out[bisect.bisect_right(ends, before + start, first, last)].append(token)
     return out
 
 
@@ -253,24 +335,40 @@ def tokenize_turns(
     conversations: Sequence[Conversation], tokenizer, mode: Tokenization, default_system: str = DEFAULT_SYSTEM
 ) -> list[list[TurnIds]]:
     """Token ids of each turn's (source, target) for every conversation, in one batched call."""
-    all_turns = [turn_pieces(c, default_system) for c in conversations]
-    return _tokenize_pieces(all_turns, tokenizer) if mode == "turns" else _tokenize_whole(all_turns, tokenizer)
+    pieces = render(ConversationColumns.from_conversations(conversations), default_system)
+    piece_ids = tokenize_pieces(pieces, tokenizer, mode)
+    return [pieces.turns(k, piece_ids) for k in range(len(pieces))]
 
 
 def encode_conversations(conversations: Sequence[Conversation], tokenizer, options: TemplateOptions) -> list[Encoded]:
     """Encode many conversations: tokenize (per ``options.tokenization``), then cut and mask."""
-    tokenized = tokenize_turns(conversations, tokenizer, options.tokenization, options.default_system)
-    return [assemble(turns, options) for turns in tokenized]
+    pieces = render(ConversationColumns.from_conversations(conversations), options.default_system)
+    return assemble_many(pieces, tokenize_pieces(pieces, tokenizer, options.tokenization), options).examples()
+
+
+def conversation_ids(pieces: Pieces, rows: Sequence[int], tokenizer, mode: Tokenization) -> list[list[int]]:
+    """The ids of conversations ``rows``, one list each, tokenized ``mode``'s way (in one batched call)."""
+    if mode == "whole_text":
+        return batch_encode(tokenizer, [pieces.text(k) for k in rows])
+    ids = iter(batch_encode(tokenizer, [pieces.texts[p] for k in rows for p in pieces.span(k)]))
+    return [[i for _ in pieces.span(k) for i in next(ids)] for k in rows]
+
+
+def _answer_may_merge(role: str, content: str) -> bool:
+    # Pieces meet either at a special or added token (<|im_start|>, <tool_call>: the tokenizer splits
+    # there anyway) or where an answer follows "assistant\n". Only an answer that starts with whitespace
+    # can merge with that newline under Qwen2's split pattern.
+    return role == "assistant" and content[:1].isspace()
 
 
 def may_tokenize_differently(conversation: Conversation) -> bool:
-    """Whether turn-by-turn and whole-text tokenization can disagree on this conversation.
+    """Whether turn-by-turn and whole-text tokenization can disagree on this conversation."""
+    return any(_answer_may_merge(m.role, m.content) for m in conversation.messages)
 
-    Pieces meet either at a special or added token (``<|im_start|>``, ``<tool_call>``: the
-    tokenizer splits there anyway) or where an answer follows ``assistant\\n``. Only an answer
-    that starts with whitespace can merge with that newline under Qwen2's split pattern.
-    """
-    return any(m.role == "assistant" and m.content[:1].isspace() for m in conversation.messages)
+
+def may_tokenize_differently_rows(columns: ConversationColumns) -> list[int]:
+    """``may_tokenize_differently`` over many conversations: the numbers of those that may."""
+    return columns.rows_of([j for j, m in enumerate(zip(columns.roles, columns.contents)) if _answer_may_merge(*m)])
 
 
 def flat_ids(turns: list[TurnIds]) -> list[int]:
@@ -311,23 +409,26 @@ def plain_text_tokenizer(tokenizer):
 
 def tokenize_escaped(
     conversations: Sequence[Conversation], tokenizer, pattern: re.Pattern, plain, default_system: str = DEFAULT_SYSTEM
-) -> list[list[TurnIds]]:
-    """Turn by turn as ``tokenize_turns``, but control-token text in the data's own text is read as
-    ordinary text (``plain``: ``plain_text_tokenizer``); the template's own control tokens stay.
+) -> list[list[int]]:
+    """Every piece's ids as ``tokenize_pieces`` "turns" (the pieces ``render`` gives), but control-token text
+    in the data's own text is read as ordinary text (``plain``: ``plain_text_tokenizer``); the template's
+    own control tokens stay.
 
     Each piece is cut at the template's control tokens; the text between them (template text and the
     data's text together, as the tokenizer would see it) is encoded with no added token matched.
     """
     ids_of = {str(t): i for i, t in tokenizer.added_tokens_decoder.items()}
-    turns = [turn_pieces(c, default_system, mark=True) for c in conversations]
-    segments = {p: _segments(p, pattern) for pieces in turns for source, target in pieces for p in (*source, target)}
-    texts = list(dict.fromkeys(text for parts in segments.values() for text, special in parts if not special))
-    by_text = {t: e.ids for t, e in zip(texts, plain.encode_batch(texts, add_special_tokens=False))}
+    pieces = render(ConversationColumns.from_conversations(conversations), default_system, mark=True).texts
+    segments = {p: _segments(p, pattern) for p in pieces}
 
     def ids(piece: str) -> list[int]:
         return [i for text, special in segments[piece] for i in ([ids_of[text]] if special else by_text[text])]
 
-    return [[([i for p in source for i in ids(p)], ids(target)) for source, target in pieces] for pieces in turns]
+    texts = list(dict.fromkeys(text for parts in segments.values() for text, special in parts if not special))
+    by_text = {t: e.ids for t, e in zip(texts, plain.encode_batch(texts, add_special_tokens=False))}
+    return [
+        [i for text, special in segments[p] for i in ([ids_of[text]] if special else by_text[text])] for p in pieces
+    ]
 
 
 def _segments(piece: str, pattern: re.Pattern) -> list[tuple[str, bool]]:

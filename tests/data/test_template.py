@@ -10,8 +10,10 @@ from qwen_pipeline.template import (
 )
 from qwen_pipeline.template import (
     TemplateOptions,
+    assemble,
     encode_conversations,
     infer_seqlen,
+    tokenize_turns,
 )
 
 DEFAULT_SYSTEM_IDS = [
@@ -153,3 +155,20 @@ def test_braces_in_content_are_kept(tokenizer):
 def test_options_refuse_train_on_prompt_with_mask_history():
     with pytest.raises(ValueError, match="cannot be combined"):
         TemplateOptions(train_on_prompt=True, mask_history=True)
+
+
+@pytest.mark.parametrize("options", [{}, {"mask_history": True}, {"train_on_prompt": True}])
+def test_many_at_once_equals_one_turn_at_a_time_around_the_cutoff(tokenizer, options):
+    """Within cutoff_len the ids are taken whole, beyond it cut turn by turn: both as ``assemble``."""
+    conversation = conv("hi", "Hello", "what is 2 + 2?", "4, as ever", system="Be brief.")
+    full = len(encode(tokenizer, conversation, **options).input_ids)
+    for cutoff_len in (full + 1, full, full - 1, 40, 1):
+        settings = TemplateOptions(cutoff_len=cutoff_len, **options)
+        expected = assemble(tokenize_turns([conversation], tokenizer, "turns")[0], settings)
+        assert encode_conversations([conversation], tokenizer, settings)[0] == expected
+
+
+def test_turns_the_template_cannot_render_name_the_record(tokenizer):
+    two_prompts = Conversation((Message("user", "a"), Message("user", "b")), Source("d", "f.json", 3))
+    with pytest.raises(ValueError, match=r"f.json record 3 \(dataset 'd'\): turn 0 \(user -> user\) is not supported"):
+        encode_conversations([conv("hi", "Hello"), two_prompts], tokenizer, TemplateOptions())

@@ -1,12 +1,12 @@
 """Conversations -> token ids and labels with the qwen template, a chunk at a time; the validation split.
 
-Each chunk's conversations are tokenized in one batched call of the Rust tokenizer
-(``template.tokenize_turns``), then cut to ``cutoff_len`` and masked (``template.assemble``).
+Each chunk's conversations are rendered from its Arrow columns (``template.render``), all their
+pieces tokenized in one batched call of the Rust tokenizer (``template.tokenize_pieces``), then
+joined, masked and cut to ``cutoff_len`` as whole arrays (``template.assemble_many``).
 """
 
 from __future__ import annotations
 
-import itertools
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -15,21 +15,24 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict
 
-from ..conversation import Conversation, Source
+from ..conversation import Conversation, ConversationColumns, Source
 from ..errors import DataError
 from ..template import (
     IGNORE_INDEX,
+    EncodedBatch,
     TemplateOptions,
-    assemble,
+    assemble_many,
     control_token_pattern,
     control_tokens_in,
-    flat_ids,
-    may_tokenize_differently,
+    conversation_ids,
+    may_tokenize_differently_rows,
     plain_text_tokenizer,
+    render,
     tokenize_escaped,
-    tokenize_turns,
+    tokenize_pieces,
 )
 
 SFT_SCHEMA = pa.schema(
@@ -88,50 +91,65 @@ class ChunkTokenizer:
         return plain_text_tokenizer(self.tokenizer)
 
     def __call__(self, chunk: pa.Table, offset: int) -> tuple[pa.Table, TokenizeResult]:
-        records = chunk.to_pylist()
-        parsed = [Conversation.from_dict(r) for r in records]
-        result, kept = TokenizeResult(), []
-        flagged = {n: found for n, c in enumerate(parsed) if (found := control_tokens_in(c, self._control))}
-        result.control_tokens = len(flagged)
-        for n, found in list(flagged.items())[:CONTROL_TOKEN_EXAMPLES]:
-            result.control_token_examples.append({**_located(parsed[n]), "found": found})
-        if self.control_tokens == "reject" and flagged:
+        columns = ConversationColumns.from_table(chunk)
+        result, keep = TokenizeResult(), np.ones(len(columns), dtype=bool)
+        flagged = self._control_tokens(columns, result)
+        if self.control_tokens == "reject":
             for n, found in flagged.items():
-                result.dropped.append(_dropped(parsed[n], "control-token text in " + "; ".join(found)))
-            records = [r for n, r in enumerate(records) if n not in flagged]
-            parsed = [c for n, c in enumerate(parsed) if n not in flagged]
-        turns = tokenize_turns(parsed, self.tokenizer, self.options.tokenization, self.options.default_system)
+                result.dropped.append(_dropped(columns.conversation(n), "control-token text in " + "; ".join(found)))
+                keep[n] = False
+        pieces = render(columns, self.options.default_system)
+        piece_ids = tokenize_pieces(pieces, self.tokenizer, self.options.tokenization)
         if self.control_tokens == "escape" and flagged:
-            escaped = tokenize_escaped([parsed[n] for n in flagged], self.tokenizer, self._control, self._plain)
-            for n, ids in zip(flagged, escaped):
-                turns[n] = ids
-        truncated = tokens_cut = 0
-        for record, conversation, e in zip(records, parsed, (assemble(t, self.options) for t in turns)):
-            if e.truncated and self.overlength == "drop":
-                reason = f"{e.full_length} tokens > format.cutoff_len={self.options.cutoff_len}"
-                result.dropped.append({**_dropped(conversation, reason), "tokens": e.full_length})
-                continue
-            kept.append(e)
-            result.held_out.append(record.get("split") == "validation")
-            truncated += e.truncated
-            tokens_cut += e.full_length - len(e.input_ids)
-            result.max_length = max(result.max_length, len(e.input_ids))
-        table = to_arrow(kept)
-        labels = table.column("labels").combine_chunks().flatten().to_numpy()
+            conversations = [columns.conversation(n) for n in flagged]
+            escaped = iter(tokenize_escaped(conversations, self.tokenizer, self._control, self._plain))
+            for p in (p for n in flagged for p in pieces.span(n)):
+                piece_ids[p] = next(escaped)
+        encoded = assemble_many(pieces, piece_ids, self.options)
+        if self.overlength == "drop":
+            for n in np.flatnonzero(encoded.truncated & keep).tolist():
+                tokens = int(encoded.full_lengths[n])
+                reason = f"{tokens} tokens > format.cutoff_len={self.options.cutoff_len}"
+                result.dropped.append({**_dropped(columns.conversation(n), reason), "tokens": tokens})
+            keep &= ~encoded.truncated
+        if not keep.all():
+            encoded = encoded.select(keep)
+        result.held_out = _held_out(chunk)[keep].tolist()
+        result.max_length = int(encoded.lengths.max(initial=0))
         result.stats.update(
-            examples=len(kept),
-            truncated=truncated,
-            tokens=len(labels),
-            label_tokens=int((labels != IGNORE_INDEX).sum()),
-            tokens_cut=tokens_cut,
+            examples=len(encoded.lengths),
+            truncated=int(encoded.truncated.sum()),
+            tokens=len(encoded.labels),
+            label_tokens=int((encoded.labels != IGNORE_INDEX).sum()),
+            tokens_cut=int((encoded.full_lengths - encoded.lengths).sum()),
         )
         if self.compare_tokenizations:  # only conversations where the two can differ need a second pass
             other = "whole_text" if self.options.tokenization == "turns" else "turns"
-            candidates = [n for n, c in enumerate(parsed) if may_tokenize_differently(c)]
-            alternative = tokenize_turns([parsed[n] for n in candidates], self.tokenizer, other)
-            differ = [parsed[n].source for n, b in zip(candidates, alternative) if flat_ids(turns[n]) != flat_ids(b)]
-            result.mismatches, result.mismatch_examples = len(differ), differ[:MISMATCH_EXAMPLES]
-        return table, result
+            candidates = may_tokenize_differently_rows(columns)
+            alternative = conversation_ids(pieces, candidates, self.tokenizer, other)
+            differ = [n for n, b in zip(candidates, alternative) if pieces.flat(n, piece_ids) != b]
+            result.mismatches = len(differ)
+            result.mismatch_examples = [columns.conversation(n).source for n in differ[:MISMATCH_EXAMPLES]]
+        return to_arrow(encoded), result
+
+    def _control_tokens(self, columns: ConversationColumns, result: TokenizeResult) -> dict[int, list[str]]:
+        """The conversations whose own text holds control-token text, and what (counted into ``result``)."""
+        search = self._control.search
+        given = (columns.systems, columns.tools)
+        rows = {n for texts in given for n, text in enumerate(texts) if text and search(text)}
+        rows.update(columns.rows_of([j for j, text in enumerate(columns.contents) if search(text)]))
+        flagged = {n: control_tokens_in(columns.conversation(n), self._control) for n in sorted(rows)}
+        result.control_tokens = len(flagged)
+        for n, found in list(flagged.items())[:CONTROL_TOKEN_EXAMPLES]:
+            result.control_token_examples.append({**_located(columns.conversation(n)), "found": found})
+        return flagged
+
+
+def _held_out(chunk: pa.Table) -> np.ndarray:
+    """Per row: from ingest.eval_dataset (split "validation")."""
+    if "split" not in chunk.column_names:
+        return np.zeros(len(chunk), dtype=bool)
+    return pc.fill_null(pc.equal(chunk.column("split"), "validation"), False).to_numpy(zero_copy_only=False)
 
 
 def _located(conversation: Conversation) -> dict[str, Any]:
@@ -143,21 +161,18 @@ def _dropped(conversation: Conversation, reason: str) -> dict[str, Any]:
     return {**_located(conversation), "reason": reason}
 
 
-def to_arrow(encoded) -> pa.Table:
-    """Columns built straight as Arrow list arrays (several times faster than from Python lists of lists)."""
-    lengths = np.fromiter((len(e.input_ids) for e in encoded), dtype=np.int64, count=len(encoded))
-    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]), type=pa.int32())
-    total = int(lengths.sum())
+def to_arrow(encoded: EncodedBatch) -> pa.Table:
+    """Columns built straight as Arrow list arrays over the batch's arrays (no Python list per row)."""
+    offsets = pa.array(np.concatenate([[0], np.cumsum(encoded.lengths)]), type=pa.int32())
 
-    def column(rows):
-        flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=total)
-        return pa.ListArray.from_arrays(offsets, pa.array(flat))
+    def column(values: np.ndarray) -> pa.ListArray:
+        return pa.ListArray.from_arrays(offsets, pa.array(values))
 
     return pa.table(
         {
-            "input_ids": column(e.input_ids for e in encoded),
-            "attention_mask": pa.ListArray.from_arrays(offsets, pa.array(np.ones(total, dtype=np.int8))),
-            "labels": column(e.labels for e in encoded),
+            "input_ids": column(encoded.input_ids),
+            "attention_mask": column(np.ones(len(encoded.input_ids), dtype=np.int8)),
+            "labels": column(encoded.labels),
         },
         schema=SFT_SCHEMA,
     )
