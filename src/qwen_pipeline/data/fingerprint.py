@@ -11,7 +11,15 @@ from typing import Any
 
 PACKAGE = Path(__file__).resolve().parents[1]
 # The code that decides what the data stages write: any change to it makes new fingerprints.
-CODE = ("data", "template.py", "conversation.py", "pipelines/ingest", "pipelines/validate", "pipelines/format")
+CODE = (
+    "data",
+    "template.py",
+    "control_tokens.py",
+    "conversation.py",
+    "pipelines/ingest",
+    "pipelines/validate",
+    "pipelines/format",
+)
 
 
 @functools.cache

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict
 
+from ..control_tokens import control_token_pattern, control_tokens_in, plain_text_tokenizer, tokenize_escaped
 from ..conversation import Conversation, ConversationColumns, Source
 from ..errors import DataError
 from ..template import (
@@ -25,13 +26,9 @@ from ..template import (
     EncodedBatch,
     TemplateOptions,
     assemble_many,
-    control_token_pattern,
-    control_tokens_in,
     conversation_ids,
     may_tokenize_differently_rows,
-    plain_text_tokenizer,
     render,
-    tokenize_escaped,
     tokenize_pieces,
 )
 
