@@ -270,3 +270,9 @@ class EvaluateConfig:
         if self.max_samples is not None and self.max_samples < 0:
             found.append(f"max_samples: must be 0 or more, got {self.max_samples}")
         return found
+
+
+# The blocks: every dataclass defined above.
+__all__ = [
+    name for name, value in list(globals().items()) if name.endswith("Config") and dataclasses.is_dataclass(value)
+]

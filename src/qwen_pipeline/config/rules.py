@@ -6,28 +6,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .blocks import (
-    EvaluateConfig,
-    FormatConfig,
-    IngestConfig,
-    MergeConfig,
-    ModelConfig,
-    ProcessingConfig,
-    TrainConfig,
-    ValidateConfig,
-)
+from . import blocks
+from .blocks import TrainConfig
 from .parse import ConfigError, parse_config
 
 # Which class parses each params:<block>.
 BLOCKS: dict[str, type] = {
-    "model": ModelConfig,
-    "ingest": IngestConfig,
-    "processing": ProcessingConfig,
-    "validate": ValidateConfig,
-    "format": FormatConfig,
-    "train": TrainConfig,
-    "merge": MergeConfig,
-    "evaluate": EvaluateConfig,
+    "model": blocks.ModelConfig,
+    "ingest": blocks.IngestConfig,
+    "processing": blocks.ProcessingConfig,
+    "validate": blocks.ValidateConfig,
+    "format": blocks.FormatConfig,
+    "train": blocks.TrainConfig,
+    "merge": blocks.MergeConfig,
+    "evaluate": blocks.EvaluateConfig,
 }
 
 
