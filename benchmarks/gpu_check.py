@@ -1019,14 +1019,15 @@ def merge_row(row: Row, adapter_dir: Path, merged_dir: Path, plan: Plan) -> None
     """The merge stage's three nodes and the merged_model dataset's save, as ``kedro run --pipelines merge``."""
     import torch
 
-    from qwen_pipeline.config import MergeConfig
-    from qwen_pipeline.datasets import ModelDataset
+    from qwen_pipeline.config import MergeConfig, ModelConfig
+    from qwen_pipeline.datasets import BaseModel, ModelDataset
     from qwen_pipeline.pipelines.merge.nodes import check_merged_model, merge_adapter, publish_merged_model
 
     if plan.cuda:
         torch.cuda.reset_peak_memory_stats()
     params = {"export_device": MergeConfig(export_device=plan.device).export_device}
-    staged = merge_adapter(ModelDataset(filepath=str(adapter_dir), lazy=True).load(), params)
+    trained = ModelDataset(filepath=str(adapter_dir), lazy=True).load()
+    staged = merge_adapter(trained, BaseModel(ModelConfig(trained.base_model)), params)
     report = check_merged_model(staged, params)
     check = report["check"]
     row.details = {**check, "export_dtype": report["export_dtype"], "export_device": report["export_device"]}

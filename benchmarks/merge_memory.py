@@ -76,12 +76,13 @@ def trained_dir(work: Path, target: Path) -> Path:
 
 def run_ours(work: Path) -> None:
     """In a child process: the merge nodes as Kedro runs them, without MLflow."""
-    from qwen_pipeline.datasets import ModelDataset
+    from qwen_pipeline.config import ModelConfig
+    from qwen_pipeline.datasets import BaseModel, ModelDataset
     from qwen_pipeline.pipelines.merge.nodes import check_merged_model, merge_adapter, publish_merged_model
 
     params = {"export_size": 5, "export_dtype": "float32", "export_device": "cpu"}
     trained = ModelDataset(filepath=str(work / "models/trained"), lazy=True).load()
-    staged = merge_adapter(trained, params)
+    staged = merge_adapter(trained, BaseModel(ModelConfig(trained.base_model)), params)
     report = check_merged_model(staged, params)
     ModelDataset(filepath=str(work / "models/merged"), lazy=True).save(publish_merged_model(staged, report))
     print(json.dumps(report["check"]))
