@@ -88,10 +88,18 @@ class TemplateOptions:
     tokenization: Tokenization = "turns"
 
     def __post_init__(self) -> None:
-        if self.cutoff_len < 1:
-            raise ValueError(f"cutoff_len must be positive, got {self.cutoff_len}")
-        if self.train_on_prompt and self.mask_history:
-            raise ValueError("train_on_prompt and mask_history cannot be combined (as in LLaMA-Factory)")
+        if found := option_problems(self.cutoff_len, self.train_on_prompt, self.mask_history):
+            raise ValueError("; ".join(found))
+
+
+def option_problems(cutoff_len: int, train_on_prompt: bool, mask_history: bool) -> list[str]:
+    """What the template cannot do (format.problems reports them too, before any node runs)."""
+    found = []
+    if cutoff_len < 1:
+        found.append(f"cutoff_len: must be positive, got {cutoff_len}")
+    if train_on_prompt and mask_history:  # as in LLaMA-Factory
+        found.append("mask_history: cannot be combined with train_on_prompt")
+    return found
 
 
 @dataclass(frozen=True)

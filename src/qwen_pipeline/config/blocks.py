@@ -9,6 +9,7 @@ from typing import Literal
 
 from ..conversation import WarningKind
 from ..models import EMBEDDED_MODEL
+from ..template import option_problems
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,11 +117,7 @@ class FormatConfig:
     control_tokens: Literal["keep", "reject", "escape"] = "keep"
 
     def problems(self) -> list[str]:
-        found = []
-        if self.cutoff_len < 1:
-            found.append(f"cutoff_len: must be positive, got {self.cutoff_len}")
-        if self.train_on_prompt and self.mask_history:
-            found.append("mask_history: cannot be combined with train_on_prompt")
+        found = option_problems(self.cutoff_len, self.train_on_prompt, self.mask_history)
         if self.val_size < 0 or (isinstance(self.val_size, float) and self.val_size >= 1):
             found.append(f"val_size: a fraction in [0, 1) or a count >= 0, got {self.val_size}")
         return found

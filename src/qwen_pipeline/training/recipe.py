@@ -265,9 +265,9 @@ def _run_sft(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfi
     train_set, batching = dataset["train"], {}
     flat = config.packing or config.neat_packing or config.padding_free
     if config.packing or config.neat_packing:
-        # pack_length unset (called outside the train node, which sets it to format.cutoff_len): the longest example
-        length = config.pack_length or int(row_lengths(train_set).max())
-        train_set, batching = pack(train_set, length, neat=config.neat_packing)
+        if config.pack_length is None:  # the train node sets it: train.pack_length, else the data's cutoff_len
+            raise ValueError("packing needs pack_length: the train node sets it (train.pack_length or the cutoff_len)")
+        train_set, batching = pack(train_set, config.pack_length, neat=config.neat_packing)
     if flat:
         collator = FlatCollator(attention=model.config._attn_implementation)
         model.config.use_cache = False  # packed-sequence masks are built only without a KV cache
