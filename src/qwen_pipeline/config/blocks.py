@@ -168,6 +168,14 @@ class TrainConfig:
     ddp_timeout: int = 1800  # seconds a process waits for the others
     save_steps: int = 0  # checkpoint every N optimizer steps (0: no checkpoints)
     save_total_limit: int | None = 2  # keep at most this many checkpoints
+    # Evaluation while training, on the validation split (the Trainer's and LLaMA-Factory's names)
+    eval_strategy: Literal["no", "steps", "epoch"] = "no"
+    eval_steps: int | None = None  # steps between evaluations (null: logging_steps)
+    eval_max_samples: int | None = None  # a seeded sample of this many validation examples (null: all)
+    load_best_model_at_end: bool = False  # the trained model is the checkpoint with the lowest eval loss
+    metric_for_best_model: Literal["eval_loss"] = "eval_loss"
+    early_stopping_patience: int = 0  # stop after this many evaluations without improvement (0: never)
+    early_stopping_threshold: float = 0.0  # an improvement this small or smaller does not count
     overwrite_output_dir: bool = False  # start over instead of resuming from the last complete checkpoint
     output_dir: str = "data/06_models/checkpoints"  # checkpoints, one folder per run configuration
     loss_chunk_rows: int = 512  # labelled positions per output-head chunk: at most this x vocab float32 logits at once
@@ -210,6 +218,26 @@ class TrainConfig:
             found.append(f"save_steps: must be 0 (no checkpoints) or positive, got {self.save_steps}")
         if self.freeze_trainable_layers == 0:
             found.append("freeze_trainable_layers: must not be 0")
+        return found + self._eval_problems()
+
+    def _eval_problems(self) -> list[str]:
+        found = [
+            f"{key}: must be positive, got {getattr(self, key)}"
+            for key in ("eval_steps", "eval_max_samples")
+            if getattr(self, key) is not None and getattr(self, key) < 1
+        ]
+        if self.early_stopping_patience < 0:
+            found.append(f"early_stopping_patience: must be 0 (off) or positive, got {self.early_stopping_patience}")
+        needs_eval = [k for k in ("load_best_model_at_end", "early_stopping_patience") if getattr(self, k)]
+        if needs_eval and self.eval_strategy == "no":
+            found.append(f"{needs_eval[0]}: needs evaluations while training; set eval_strategy: steps (or epoch)")
+        every = self.eval_steps or self.logging_steps
+        steps = self.eval_strategy == "steps"
+        if self.load_best_model_at_end and self.save_steps and steps and self.save_steps % every:
+            found.append(
+                f"save_steps: {self.save_steps} is not a multiple of eval_steps {every}: load_best_model_at_end can "
+                "only return a checkpoint saved at an evaluation (or set save_steps: 0 to save the best one only)"
+            )
         return found
 
 

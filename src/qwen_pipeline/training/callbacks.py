@@ -4,8 +4,9 @@ per-step metrics in MLflow as they come (not when the train node ends).
 - ``QuietProgress``: the Trainer's progress bar without the dict it prints at every logging step;
   about ten "step n/N: loss ..." log lines over the run instead.
 - ``LiveMetrics``: rank 0 logs ``train/loss``, ``train/learning_rate``, ``train/grad_norm`` and
-  ``train/tokens_per_s`` to the run kedro-mlflow opened, at each logging step. A resumed run first
-  logs the history its checkpoint holds, and never logs a step twice.
+  ``train/tokens_per_s`` to the run kedro-mlflow opened, at each logging step, and ``eval/loss`` at each
+  evaluation while training (same step axis). A resumed run first logs the history its checkpoint holds,
+  and never logs a metric twice at one step.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ METRICS = {
     "learning_rate": "train/learning_rate",
     "grad_norm": "train/grad_norm",
     "tokens_per_s": "train/tokens_per_s",
+    "eval_loss": "eval/loss",
 }
 
 
@@ -50,7 +52,7 @@ class LiveMetrics(TrainerCallback):
 
         self.run_id = run_id
         self.client = MlflowClient(tracking_uri=tracking_uri)
-        self.logged: set[int] = set()
+        self.logged: set[tuple[str, int]] = set()  # (metric, step) in the run already
         self.last: tuple[float, int] | None = None  # (time, tokens seen) at the last logging step
         # Non-padding tokens trained on so far, all processes (set by the recipe: the trainer counts them).
         self.tokens_seen: Callable[[], int] = lambda: 0
@@ -67,15 +69,20 @@ class LiveMetrics(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        self.logged = {m.step for m in self.client.get_metric_history(self.run_id, METRICS["loss"])}
+        self.logged = {
+            (name, m.step) for name in METRICS.values() for m in self.client.get_metric_history(self.run_id, name)
+        }
         # A resumed run: the steps before its checkpoint, from the history the checkpoint holds.
-        self._log([entry for entry in state.log_history if "loss" in entry])
+        self._log([entry for entry in state.log_history if "loss" in entry or "eval_loss" in entry])
         self.last = (time.perf_counter(), self.tokens_seen())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or "loss" not in logs:
+        if not state.is_world_process_zero or not logs or not {"loss", "eval_loss"} & logs.keys():
             return
         entry = {**logs, "step": state.global_step}
+        if "loss" not in logs:  # an evaluation
+            self._log([entry])
+            return
         now, tokens = time.perf_counter(), self.tokens_seen()
         if self.last is not None and tokens and now > self.last[0]:
             entry["tokens_per_s"] = (tokens - self.last[1]) / (now - self.last[0])
@@ -89,9 +96,8 @@ class LiveMetrics(TrainerCallback):
         metrics = []
         for entry in entries:
             step = int(entry["step"])
-            if step in self.logged:
-                continue
-            self.logged.add(step)
-            metrics += [Metric(name, float(entry[key]), stamp, step) for key, name in METRICS.items() if key in entry]
+            new = [(key, name) for key, name in METRICS.items() if key in entry and (name, step) not in self.logged]
+            self.logged.update((name, step) for _, name in new)
+            metrics += [Metric(name, float(entry[key]), stamp, step) for key, name in new]
         for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a call
             self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])

@@ -21,6 +21,7 @@ from datasets import DatasetDict
 from ..config import ModelConfig, TrainConfig
 from ..models import load_tokenizer
 from .checkpoints import checkpoint_dir, data_fingerprint, resume_point
+from .evaluating import early_stopping, eval_arguments, eval_sample, eval_summary
 from .host_memory import peak_rss_bytes, return_freed_host_memory
 from .packing import IGNORE_INDEX, FlatCollator, labelled_tokens, pack, padding_share, row_lengths
 
@@ -182,6 +183,7 @@ def training_arguments(config: TrainConfig, run_dir: Path):
     from .ranks import world_size
 
     cpu = not torch.cuda.is_available()
+    evaluating = eval_arguments(config)  # evaluation while training, if asked (training/evaluating.py)
     args = TrainingArguments(
         output_dir=str(run_dir),
         learning_rate=config.learning_rate,
@@ -205,13 +207,14 @@ def training_arguments(config: TrainConfig, run_dir: Path):
         use_cpu=cpu,
         ddp_backend="gloo" if cpu and world_size() > 1 else None,
         train_sampling_strategy="random" if config.shuffle else "sequential",
-        save_strategy="steps" if config.save_steps else "no",
+        save_strategy=evaluating.pop("save_strategy", "steps" if config.save_steps else "no"),
         save_steps=config.save_steps or 500,
         save_total_limit=config.save_total_limit,
         report_to="none",  # the train node hands the history to kedro-mlflow
         remove_unused_columns=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=not cpu,  # pinning only helps a GPU
+        **evaluating,
     )
     if config.deepspeed:
         _deepspeed_comm(config)
@@ -282,7 +285,7 @@ def _run_sft(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfi
         model=model,
         args=args,
         train_dataset=train_set,
-        eval_dataset=dataset["validation"] if "validation" in dataset else None,
+        eval_dataset=eval_sample(dataset["validation"], config) if "validation" in dataset else None,
         data_collator=collator,
     )
     if trainer.pop_callback(ProgressCallback) is not None:  # the bar, without a printed dict per step
@@ -290,6 +293,8 @@ def _run_sft(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfi
     if (live := LiveMetrics.for_this_process()) is not None:  # per-step metrics into MLflow as they come
         live.tokens_seen = lambda: int(trainer.tokens_seen) * trainer.args.world_size  # rank 0's, for all
         trainer.add_callback(live)
+    if (stopping := early_stopping(config)) is not None:
+        trainer.add_callback(stopping)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -328,7 +333,10 @@ def _run_sft(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfi
             else {}
         ),
     }
-    if "validation" in dataset:
+    summary |= eval_summary(trainer.state.log_history, stopping)
+    if "validation" in dataset:  # the trained (with load_best_model_at_end: the best) model; not a curve point
+        if live is not None:
+            trainer.remove_callback(live)
         summary["eval_loss"] = float(trainer.evaluate()["eval_loss"])
     logger.info(
         "Trained %d steps in %.1f s: loss %.4f -> %.4f",

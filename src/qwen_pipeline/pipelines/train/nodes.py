@@ -114,6 +114,11 @@ def data_problems(sft_dataset: StageOutput, config: TrainConfig) -> list[str]:
         )
     if not isinstance(sft_dataset.data, DatasetDict) or "train" not in sft_dataset.data:
         return found + [f"it has no train split: {FORMAT_AGAIN}"]
+    if config.eval_strategy != "no" and "validation" not in sft_dataset.data:
+        found.append(
+            f"train.eval_strategy={config.eval_strategy} evaluates on the validation split, and it has none: set "
+            f"format.val_size (e.g. 0.1) or ingest.eval_dataset, then {FORMAT_AGAIN}"
+        )
     train_split = sft_dataset.data["train"]
     lengths = row_lengths(train_split)
     if (config.packing or config.neat_packing) and config.pack_length is not None and len(lengths):
