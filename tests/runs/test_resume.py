@@ -1,4 +1,5 @@
-"""A training run killed with SIGKILL after its first checkpoint resumes when the same command runs again."""
+"""A training run killed with SIGKILL after its first checkpoint resumes when the same command runs again, its
+loss and eval-loss curves in MLflow without a gap or a point twice."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ COMMAND = [
     "--pipelines",
     "sft",
     "--params",
-    "train.save_steps=4,train.max_steps=16,train.per_device_train_batch_size=4",
+    "train.save_steps=4,train.max_steps=16,train.per_device_train_batch_size=4,"
+    "train.eval_strategy=steps,train.eval_steps=2,train.eval_max_samples=16",
 ]
 
 
@@ -57,4 +59,9 @@ def test_killed_run_resumes_without_a_gap(tmp_path, model_cache):
     assert sorted(m.step for m in history) == list(range(1, 17))  # no gap, no step twice
     killed = client.get_metric_history(runs[1].info.run_id, "train/loss")  # logged live before the kill
     assert killed and sorted(m.step for m in killed) == list(range(1, len(killed) + 1))
+    evals = client.get_metric_history(runs[0].info.run_id, "eval/loss")
+    assert sorted(m.step for m in evals) == list(range(2, 17, 2))  # the checkpoint's evaluations, then this run's
+    killed_evals = sorted(m.step for m in client.get_metric_history(runs[1].info.run_id, "eval/loss"))
+    assert killed_evals and killed_evals == list(range(2, 2 * len(killed_evals) + 1, 2))
+    assert summary["evaluations"] == 8 and summary["stopped_by"] == "schedule"
     assert (root / "data/06_models/trained/qwen_pipeline.json").exists()

@@ -2,8 +2,8 @@
 bounded), early stopping, and what the summary says about it (the best step, why training stopped).
 
 The eval loss is the training loss's (``SFTTrainer.compute_loss``: the output head only on labelled positions)
-on unpacked validation examples; only the loss is kept (``prediction_loss_only``), so an evaluation holds one
-batch at a time whatever the size of the split.
+on unpacked validation examples; only the loss is kept (``prediction_loss_only``, set for every evaluation in
+``recipe.training_arguments``), so an evaluation holds one batch at a time whatever the size of the split.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ def eval_arguments(config: TrainConfig) -> dict[str, Any]:
     args: dict[str, Any] = {
         "eval_strategy": config.eval_strategy,
         "eval_steps": config.eval_steps or config.logging_steps,
-        "prediction_loss_only": True,  # no logits or predictions gathered across batches
         "metric_for_best_model": config.metric_for_best_model,
         "greater_is_better": False,
         "load_best_model_at_end": config.load_best_model_at_end,

@@ -212,6 +212,7 @@ def training_arguments(config: TrainConfig, run_dir: Path):
         save_total_limit=config.save_total_limit,
         report_to="none",  # the train node hands the history to kedro-mlflow
         remove_unused_columns=False,
+        prediction_loss_only=True,  # evaluations keep the loss only: no labels or logits gathered across batches
         dataloader_num_workers=0,
         dataloader_pin_memory=not cpu,  # pinning only helps a GPU
         **evaluating,
