@@ -61,3 +61,14 @@ def eval_summary(log_history: list[dict[str, Any]], stopping) -> dict[str, Any]:
         "best_eval_loss": best_loss,
         "stopped_by": "early_stopping" if stopped else "schedule",
     }
+
+
+def final_eval_loss(trainer, live) -> float:
+    """The trained model's eval loss: the last evaluation's when it ran at the last step on the model returned,
+    else one more evaluation (kept off the live curve: with load_best_model_at_end it is an earlier step's model)."""
+    last = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)
+    if last is not None and last["step"] == trainer.state.global_step and not trainer.args.load_best_model_at_end:
+        return float(last["eval_loss"])
+    if live is not None:
+        trainer.remove_callback(live)
+    return float(trainer.evaluate()["eval_loss"])

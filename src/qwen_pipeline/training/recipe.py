@@ -21,7 +21,7 @@ from datasets import DatasetDict
 from ..config import ModelConfig, TrainConfig
 from ..models import load_tokenizer
 from .checkpoints import checkpoint_dir, data_fingerprint, resume_point
-from .evaluating import early_stopping, eval_arguments, eval_sample, eval_summary
+from .evaluating import early_stopping, eval_arguments, eval_sample, eval_summary, final_eval_loss
 from .host_memory import peak_rss_bytes, return_freed_host_memory
 from .packing import IGNORE_INDEX, FlatCollator, labelled_tokens, pack, padding_share, row_lengths
 
@@ -336,9 +336,7 @@ def _run_sft(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfi
     }
     summary |= eval_summary(trainer.state.log_history, stopping)
     if "validation" in dataset:  # the trained (with load_best_model_at_end: the best) model; not a curve point
-        if live is not None:
-            trainer.remove_callback(live)
-        summary["eval_loss"] = float(trainer.evaluate()["eval_loss"])
+        summary["eval_loss"] = final_eval_loss(trainer, live)
     logger.info(
         "Trained %d steps in %.1f s: loss %.4f -> %.4f",
         summary["global_steps"],
