@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,9 @@ def test_every_shipped_parameters_file_loads_into_its_config():
     assert set(params) == set(SECTIONS)
     for section, cls in SECTIONS.items():
         config = parse_config(cls, params[section], section)
-        assert {key: getattr(config, key) for key in params[section]} == params[section]  # every value, as written
+        values = {key: getattr(config, key) for key in params[section]}
+        values = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in values.items()}
+        assert values == params[section]  # every value, as written (a nested block too)
 
 
 @pytest.mark.parametrize(

@@ -150,3 +150,41 @@ def test_evaluating_while_training_needs_a_validation_split(tokenizer):
         "sft_dataset cannot be trained on: train.eval_strategy=steps evaluates on the validation split, and it has "
         "none: set format.val_size (e.g. 0.1) or ingest.eval_dataset, then run kedro run --pipelines format"
     )
+
+
+def test_generation_eval_logs_scores_and_one_table_per_evaluation(tokenizer, tmp_path, mlflow_run, embedded_dir):
+    import json
+    from pathlib import Path
+
+    client, run_id = mlflow_run
+    settings = {"eval_strategy": "steps", "eval_steps": 2, "generation_eval": {"samples": 3, "max_new_tokens": 4}}
+    config = parse_config(TrainConfig, settings, "train")
+    result = train(
+        tokenizer, tmp_path, "OK", "OK", max_steps=4, **{**settings, "generation_eval": config.generation_eval}
+    )
+    for name in ("eval/bleu-4", "eval/rouge-1", "eval/rouge-2", "eval/rouge-l", "eval/generation_seconds"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, name)) == [2, 4], name
+    tables = sorted(a.path for a in client.list_artifacts(run_id, "generation_eval"))
+    assert tables == ["generation_eval/step_000002.json", "generation_eval/step_000004.json"]
+    table = json.loads(Path(client.download_artifacts(run_id, tables[1], str(tmp_path))).read_text())
+    assert table["columns"] == ["step", "prompt", "reference", "answer"] and len(table["data"]) == 3
+    steps, prompts, references, answers = zip(*table["data"])
+    assert set(steps) == {4} and all(p.startswith("<|im_start|>user\n") and p.endswith("assistant\n") for p in prompts)
+    assert set(references) == {"OK\n"} and all(len(tokenizer(a)["input_ids"]) <= 4 for a in answers)
+    assert result.summary["generation_eval_seconds"] > 0
+
+
+def test_generation_eval_settings_are_a_block_of_their_own():
+    with pytest.raises(ConfigError) as error:
+        parse_config(TrainConfig, {"generation_eval": {"sample": 8, "max_new_tokens": 0}}, "train")
+    assert error.value.problems == ["train.generation_eval.sample: unknown parameter (did you mean 'samples'?)"]
+    with pytest.raises(ConfigError) as error:
+        parse_config(TrainConfig, {"generation_eval": {"samples": 8, "max_new_tokens": 0}}, "train")
+    assert error.value.problems == ["train.generation_eval.max_new_tokens: must be positive, got 0"]
+    with pytest.raises(ConfigError) as error:
+        parse_config(TrainConfig, {"generation_eval": {"samples": 8}}, "train")
+    assert error.value.problems == [
+        "train.generation_eval: needs evaluations while training; set eval_strategy: steps (or epoch)"
+    ]
+    with pytest.raises(ConfigError, match=r"train.generation_eval: expected a mapping of samples, max_new_tokens, "):
+        parse_config(TrainConfig, {"generation_eval": 8}, "train")

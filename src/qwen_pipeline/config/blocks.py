@@ -124,6 +124,23 @@ class FormatConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GenerationEvalConfig:
+    """``train.generation_eval``: answers generated at each evaluation while training, to watch them change."""
+
+    samples: int = 0  # validation prompts answered at each evaluation, a fixed seeded sample (0: off)
+    max_new_tokens: int = 128  # answer length limit (greedy decoding)
+    batch_size: int = 8  # prompts per generate call (left-padded)
+
+    def problems(self) -> list[str]:
+        found = [f"samples: must be 0 (off) or positive, got {self.samples}"] if self.samples < 0 else []
+        return found + [
+            f"{key}: must be positive, got {getattr(self, key)}"
+            for key in ("max_new_tokens", "batch_size")
+            if getattr(self, key) < 1
+        ]
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """``params:train``: the SFT recipe's hyperparameters (LLaMA-Factory's names and meanings)."""
 
@@ -176,6 +193,7 @@ class TrainConfig:
     metric_for_best_model: Literal["eval_loss"] = "eval_loss"
     early_stopping_patience: int = 0  # stop after this many evaluations without improvement (0: never)
     early_stopping_threshold: float = 0.0  # an improvement this small or smaller does not count
+    generation_eval: GenerationEvalConfig = dataclasses.field(default_factory=GenerationEvalConfig)
     overwrite_output_dir: bool = False  # start over instead of resuming from the last complete checkpoint
     output_dir: str = "data/06_models/checkpoints"  # checkpoints, one folder per run configuration
     loss_chunk_rows: int = 512  # labelled positions per output-head chunk: at most this x vocab float32 logits at once
@@ -229,6 +247,7 @@ class TrainConfig:
         if self.early_stopping_patience < 0:
             found.append(f"early_stopping_patience: must be 0 (off) or positive, got {self.early_stopping_patience}")
         needs_eval = [k for k in ("load_best_model_at_end", "early_stopping_patience") if getattr(self, k)]
+        needs_eval += ["generation_eval"] if self.generation_eval.samples else []
         if needs_eval and self.eval_strategy == "no":
             found.append(f"{needs_eval[0]}: needs evaluations while training; set eval_strategy: steps (or epoch)")
         every = self.eval_steps or self.logging_steps

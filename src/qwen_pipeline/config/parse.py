@@ -54,6 +54,8 @@ def _describe(hint: Any) -> str:
         return "one of " + ", ".join(repr(v) for v in typing.get_args(hint))
     if origin in (list, tuple):
         return f"a list of {_describe(typing.get_args(hint)[0])}"
+    if dataclasses.is_dataclass(hint):
+        return "a mapping of " + ", ".join(f.name for f in dataclasses.fields(hint))
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
@@ -68,12 +70,18 @@ def parse_config(cls: type[T], data: Mapping[str, Any] | None, section: str) -> 
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(f"{section}.{key}: unknown parameter{hint}")
+    nested = {}  # a block inside the block (e.g. train.generation_eval), parsed the same way
     for key in names:
-        if key in data and not _matches(data[key], hints[key]):
+        if key in data and dataclasses.is_dataclass(hints[key]) and isinstance(data[key], Mapping):
+            try:
+                nested[key] = parse_config(hints[key], data[key], f"{section}.{key}")
+            except ConfigError as error:
+                problems += error.problems
+        elif key in data and not _matches(data[key], hints[key]):
             problems.append(f"{section}.{key}: expected {_describe(hints[key])}, got {data[key]!r}")
     if problems:
         raise ConfigError(problems)
-    kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()}
+    kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()} | nested
     config = cls(**kwargs)
     check = getattr(config, "problems", None)
     if check is not None and (found := check()):

@@ -89,6 +89,19 @@ class LiveMetrics(TrainerCallback):
         self.last = (now, tokens)
         self._log([entry])
 
+    def log_generations(self, step: int, values: dict[str, float], rows: list[dict]) -> None:
+        """An evaluation's generation metrics (as ``eval/<name>``) and its answers as a table artifact."""
+        import pandas as pd
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        new = {f"eval/{key}": value for key, value in values.items() if (f"eval/{key}", step) not in self.logged}
+        self.logged.update((name, step) for name in new)
+        self.client.log_batch(self.run_id, metrics=[Metric(n, float(v), stamp, step) for n, v in new.items()])
+        self.client.log_table(
+            self.run_id, data=pd.DataFrame(rows), artifact_file=f"generation_eval/step_{step:06d}.json"
+        )
+
     def _log(self, entries: list[dict]) -> None:
         from mlflow.entities import Metric
 

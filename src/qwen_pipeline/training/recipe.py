@@ -240,6 +240,7 @@ def _run_sft(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfi
     from transformers import DataCollatorForSeq2Seq, ProgressCallback, set_seed
 
     from .callbacks import LiveMetrics, QuietProgress  # transformers' classes: imported when training starts
+    from .generation_eval import GenerationEval
     from .loss import SFTTrainer
     from .ranks import max_over_ranks
 
@@ -296,6 +297,10 @@ def _run_sft(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfi
         trainer.add_callback(live)
     if (stopping := early_stopping(config)) is not None:
         trainer.add_callback(stopping)
+    answers = None
+    if config.generation_eval.samples and "validation" in dataset:  # answers at every evaluation
+        answers = GenerationEval(dataset["validation"], tokenizer, config.generation_eval, config.seed, live)
+        trainer.add_callback(answers)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -335,6 +340,8 @@ def _run_sft(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfi
         ),
     }
     summary |= eval_summary(trainer.state.log_history, stopping)
+    if answers is not None and answers.seconds:
+        summary["generation_eval_seconds"] = round(sum(answers.seconds) / len(answers.seconds), 2)  # per evaluation
     if "validation" in dataset:  # the trained (with load_best_model_at_end: the best) model; not a curve point
         summary["eval_loss"] = final_eval_loss(trainer, live)
     logger.info(
