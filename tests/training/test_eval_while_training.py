@@ -3,6 +3,8 @@ loss rises, the best step, and the validation sample it runs on."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from datasets import Dataset, DatasetDict
 
@@ -188,3 +190,26 @@ def test_generation_eval_settings_are_a_block_of_their_own():
     ]
     with pytest.raises(ConfigError, match=r"train.generation_eval: expected a mapping of samples, max_new_tokens, "):
         parse_config(TrainConfig, {"generation_eval": 8}, "train")
+
+
+def test_generation_eval_under_zero3_with_several_processes_is_refused_before_loading():
+    from qwen_pipeline.training.checks import environment_problems
+
+    config = parse_config(
+        TrainConfig,
+        {
+            "deepspeed": "conf/base/deepspeed/zero3.json",
+            "nproc_per_node": 2,
+            "eval_strategy": "steps",
+            "generation_eval": {"samples": 4},
+        },
+        "train",
+    )
+    found = [p for p in environment_problems(config, cuda=False, environ={}) if p.startswith("train.generation_eval")]
+    assert found == [
+        "train.generation_eval: answers while training are not supported under ZeRO-3 with several processes yet "
+        "(each rank holds a shard; generate would need every rank in step): set generation_eval.samples: 0, or "
+        "use ZeRO-2"
+    ]
+    one = dataclasses.replace(config, nproc_per_node=1)
+    assert not [p for p in environment_problems(one, cuda=False, environ={}) if p.startswith("train.generation_eval")]

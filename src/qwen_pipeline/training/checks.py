@@ -42,6 +42,15 @@ def environment_problems(config: TrainConfig, *, cuda: bool | None = None, envir
                 found.append(
                     "train.deepspeed: ZeRO-3 cannot shard 8-bit quantized weights (use quantization_bit 4 or ZeRO-2)"
                 )
+            processes = int(environ.get("NPROC_PER_NODE", config.nproc_per_node)) * int(
+                environ.get("NNODES", config.nnodes)
+            )
+            if stage == 3 and processes > 1 and config.generation_eval.samples:
+                found.append(
+                    "train.generation_eval: answers while training are not supported under ZeRO-3 with several "
+                    "processes yet (each rank holds a shard; generate would need every rank in step): set "
+                    "generation_eval.samples: 0, or use ZeRO-2"
+                )
         if importlib.util.find_spec("deepspeed") is None:
             found.append("train.deepspeed: needs the deepspeed package")
     nnodes = int(environ.get("NNODES", config.nnodes))
