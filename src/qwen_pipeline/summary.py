@@ -89,6 +89,12 @@ def summary_lines(outputs: set[str], catalog, seconds: float) -> list[str]:
             f"training: {summary['global_steps']} steps, loss {summary['first_loss']:.4f} -> "
             f"{summary['last_loss']:.4f}{evaluation} -> {_path(catalog, 'trained_model')}"
         )
+        if "best_step" in summary:
+            stopped = "early stopping ended it" if summary["stopped_by"] == "early_stopping" else "it ran its schedule"
+            lines.append(
+                f"evaluations: {summary['evaluations']}, the best at step {summary['best_step']} (eval loss "
+                f"{summary['best_eval_loss']:.4f}); {stopped}"
+            )
         if "plan.total_gb" in summary:
             peak = summary.get("peak_gpu_memory_gb", summary.get("peak_rss_gb"))
             lines.append(

@@ -213,3 +213,19 @@ def test_generation_eval_under_zero3_with_several_processes_is_refused_before_lo
     ]
     one = dataclasses.replace(config, nproc_per_node=1)
     assert not [p for p in environment_problems(one, cuda=False, environ={}) if p.startswith("train.generation_eval")]
+
+
+def test_the_run_summary_names_the_best_step_and_why_training_stopped(tmp_path):
+    from kedro.io import DataCatalog, MemoryDataset
+
+    from qwen_pipeline.datasets import ModelDataset
+    from qwen_pipeline.summary import summary_lines
+
+    summary = {"global_steps": 9, "first_loss": 3.0, "last_loss": 1.5, "eval_loss": 2.1, "evaluations": 9,
+               "best_step": 7, "best_eval_loss": 2.1, "stopped_by": "early_stopping"}  # fmt: skip
+    catalog = DataCatalog(
+        {"training_summary": MemoryDataset(summary), "trained_model": ModelDataset(filepath=str(tmp_path / "t"))}
+    )
+    lines = summary_lines({"training_summary"}, catalog, 1.0)
+    assert f"training: 9 steps, loss 3.0000 -> 1.5000, eval loss 2.1000 -> {tmp_path / 't'}" in lines
+    assert "evaluations: 9, the best at step 7 (eval loss 2.1000); early stopping ended it" in lines
