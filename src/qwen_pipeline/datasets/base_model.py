@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +32,6 @@ class BaseModel:
         from ..models import local_model_dir
 
         return local_model_dir(self.name)
-
-    def architecture(self) -> dict[str, Any]:
-        """Its config.json."""
-        return json.loads((self.local_dir() / "config.json").read_text())
 
     def load_tokenizer(self):
         from ..models import load_tokenizer

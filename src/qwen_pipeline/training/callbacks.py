@@ -92,24 +92,21 @@ class LiveMetrics(TrainerCallback):
     def log_generations(self, step: int, values: dict[str, float], rows: list[dict]) -> None:
         """An evaluation's generation metrics (as ``eval/<name>``) and its answers as a table artifact."""
         import pandas as pd
-        from mlflow.entities import Metric
 
-        stamp = int(time.time() * 1000)
-        new = {f"eval/{key}": value for key, value in values.items() if (f"eval/{key}", step) not in self.logged}
-        self.logged.update((name, step) for name in new)
-        self.client.log_batch(self.run_id, metrics=[Metric(n, float(v), stamp, step) for n, v in new.items()])
+        self._log([{"step": step, **values}], names={key: f"eval/{key}" for key in values})
         self.client.log_table(
             self.run_id, data=pd.DataFrame(rows), artifact_file=f"generation_eval/step_{step:06d}.json"
         )
 
-    def _log(self, entries: list[dict]) -> None:
+    def _log(self, entries: list[dict], names: dict[str, str] = METRICS) -> None:
+        """Each entry's values (``names``: entry key -> MLflow metric) at its step, none logged twice."""
         from mlflow.entities import Metric
 
         stamp = int(time.time() * 1000)
         metrics = []
         for entry in entries:
             step = int(entry["step"])
-            new = [(key, name) for key, name in METRICS.items() if key in entry and (name, step) not in self.logged]
+            new = [(key, name) for key, name in names.items() if key in entry and (name, step) not in self.logged]
             self.logged.update((name, step) for _, name in new)
             metrics += [Metric(name, float(entry[key]), stamp, step) for key, name in new]
         for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a call
