@@ -30,14 +30,14 @@ a failing one puts its error in the table and the run goes on:
 - train: ``run_sft`` (the train stage's recipe) for LoRA r8 and full SFT, bf16, FlashAttention-2 (when
   ``flash_attn`` imports) then sdpa, synthetic conversations through the qwen template, packed to 2048 and
   4096 tokens (``train.packing``), 16,384 tokens per optimizer step; rows the budget cannot hold are skipped.
-  tokens/s is steady state: each row runs ``run_sft`` twice, W and W+N steps, over the same bins in the same
-  order, and divides the tokens of the last N steps by the difference of the two ``train_runtime_s`` (model
-  loading, Trainer set-up and the first steps cancel out). MFU = 6 * N_params * tokens/s / the card's dense
+  tokens/s is steady state: each row runs ``run_sft`` once for W+N steps with a step clock (a TrainerCallback
+  that synchronizes the device at each step's end) and divides the tokens of the last N steps by the time from
+  the end of step W to the end of step W+N (model loading, Trainer set-up and the first W steps left out).
+  MFU = 6 * N_params * tokens/s / the card's dense
   bf16 peak (989 TFLOP/s for H100/H200 SXM); N_params counts the tied embedding once; attention FLOPs are
   left out (so MFU reads low at 4096), and the output layer only runs where a label is learned
   (FlatCollator's logits_to_keep). For LoRA rows 6N is the full-SFT convention (a LoRA step does less work):
-  comparable across rows, not a utilisation. Peak GPU GB is ``torch.cuda.max_memory_allocated`` of the W+N
-  run;
+  comparable across rows, not a utilisation. Peak GPU GB is ``torch.cuda.max_memory_allocated`` of the run;
 - zero3 (0.5B, LoRA r8, bf16, ``conf/base/deepspeed/zero3.json``, in this process with its own single-rank
   group): a few steps, loss finite, no process group or live ZeRO-3 config left (merge and evaluate follow);
 - merge: the merge stage's nodes with ``export_device: cuda`` on the largest model's LoRA adapter trained
@@ -132,7 +132,7 @@ class Plan:
     modes: tuple[str, ...]  # finetuning_type
     pack_lengths: tuple[int, ...]
     attentions: tuple[str, ...]  # train.flash_attn values, the preferred first
-    warmup_steps: int  # W: steps both runs share (their cost cancels)
+    warmup_steps: int  # W: steps run before the timed ones (one run: steps W+1..W+N are timed)
     steps: int  # N: measured optimizer steps
     tokens_per_micro_batch: int  # bins per micro-batch = this // pack length
     accumulation: int  # gradient_accumulation_steps
@@ -459,13 +459,38 @@ def train_config(plan: Plan, mode: str, attention: str, pack_length: int, max_st
     return config
 
 
-def quiet_run_sft(dataset, model_name_or_path: str, config):
+def quiet_run_sft(dataset, model_name_or_path: str, config, callbacks=()):
     """``run_sft`` with the Trainer's per-step log lines (printed when progress bars are off) swallowed."""
     from qwen_pipeline.config import ModelConfig
     from qwen_pipeline.training.recipe import run_sft
 
     with contextlib.redirect_stdout(io.StringIO()):
-        return run_sft(dataset, ModelConfig(model_name_or_path=model_name_or_path), config)
+        return run_sft(dataset, ModelConfig(model_name_or_path=model_name_or_path), config, callbacks=callbacks)
+
+
+def step_clock() -> tuple[Any, dict[int, float]]:
+    """A TrainerCallback noting ``time.perf_counter()`` at the end of each optimizer step (after the device is
+    done), and the dict it fills: step -> time; step 0 is the start of training. Steady-state speed is then timed
+    inside one run, from step W to step W+N (two runs of W and W+N steps differ by noise as large as N steps on a
+    busy CPU)."""
+    import torch
+    from transformers import TrainerCallback
+
+    times: dict[int, float] = {}
+
+    def note(state) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times[state.global_step] = time.perf_counter()
+
+    class StepClock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            note(state)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            note(state)
+
+    return StepClock(), times
 
 
 def memory_planner():
@@ -538,24 +563,23 @@ def train_row(
 
     check_environment(config(total))
     add_memory_plan(row, model_path, config(total), plan)
-    runs = {}
-    for steps in (warm, total):
-        result = quiet_run_sft(DatasetDict({"train": dataset}), model_path, config(steps))
-        runs[steps] = result.summary
-        if steps == total and adapter_dir is not None:  # the adapter the merge section merges
-            bundle = ModelBundle(result.model, result.tokenizer, model_path, {"finetuning_type": mode})
-            ModelDataset(filepath=str(adapter_dir), lazy=True).save(bundle)
-        del result
-        free_memory()
+    clock, times = step_clock()
+    result = quiet_run_sft(DatasetDict({"train": dataset}), model_path, config(total), callbacks=[clock])
+    summary = result.summary
+    if adapter_dir is not None:  # the adapter the merge section merges
+        bundle = ModelBundle(result.model, result.tokenizer, model_path, {"finetuning_type": mode})
+        ModelDataset(filepath=str(adapter_dir), lazy=True).save(bundle)
+    del result
+    free_memory()
     bins_per_step = bins_per_micro_batch(plan, pack_length) * plan.accumulation
     tokens = sum(bin_lengths[warm * bins_per_step : total * bins_per_step])
-    seconds = runs[total]["train_runtime_s"] - runs[warm]["train_runtime_s"]
-    if seconds <= 0:
-        raise RuntimeError(f"the {total}-step run was not slower than the {warm}-step run: too few steps to time")
+    if warm not in times or total not in times:
+        raise RuntimeError(f"the run did not reach step {total} (steps timed: {sorted(times)})")
+    seconds = times[total] - times[warm]
     row.tokens_per_s = tokens / seconds
     row.mfu = 6 * parameters * row.tokens_per_s / (peak_tflops * 1e12) if peak_tflops else None
-    row.peak_gpu_gb = runs[total].get("peak_gpu_memory_gb")
-    losses = (runs[total]["first_loss"], runs[total]["last_loss"])
+    row.peak_gpu_gb = summary.get("peak_gpu_memory_gb")
+    losses = (summary["first_loss"], summary["last_loss"])
     row.note = f"loss {losses[0]:.3f} -> {losses[1]:.3f}"
     if not all(math.isfinite(x) for x in losses):
         row.status = "failed"
@@ -572,7 +596,7 @@ def train_row(
             "bins_per_step": bins_per_step,
             "bin_fill": stats["bin_fill"],
             "label_share": labels / sum(len(ids) for ids in dataset["input_ids"]),
-            "run_sft_tokens_per_s": runs[total]["tokens_per_second"],  # the summary's own: warm-up included
+            "run_sft_tokens_per_s": summary["tokens_per_second"],  # the summary's own: warm-up included
             "first_loss": losses[0],
             "last_loss": losses[1],
             "plan_over_peak": plan_ratio(row),
@@ -1144,7 +1168,7 @@ def lora_label(mode: str) -> str:
 
 def training_data(plan: Plan) -> dict[int, tuple]:
     """Per pack length: the dataset, its bins' lengths in training order, packing stats; enough bins for a train
-    row's two runs (the check rows need fewer)."""
+    row's W+N steps (the check rows need fewer)."""
     from qwen_pipeline.models import EMBEDDED_MODEL, load_tokenizer
 
     tokenizer = load_tokenizer(EMBEDDED_MODEL)  # the tokenizer every model here carries

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,15 +165,21 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 def run_sft(
-    dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig, *, save_to: Path | None = None
+    dataset: DatasetDict,
+    model_config: ModelConfig,
+    config: TrainConfig,
+    *,
+    save_to: Path | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> TrainResult:
     """Train; with ``save_to`` (every rank must pass it) the Trainer also writes the model there,
     gathering ZeRO-3 partitions first. One process that needs a process group (DeepSpeed, or a host
-    with several GPUs) gets a single-rank one for the duration."""
+    with several GPUs) gets a single-rank one for the duration. ``callbacks``: more ``TrainerCallback``s
+    (the GPU check's step clock)."""
     from .ranks import one_process_group
 
     with one_process_group(config.deepspeed):
-        return _run_sft(dataset, model_config, config, save_to)
+        return _run_sft(dataset, model_config, config, save_to, callbacks)
 
 
 def training_arguments(config: TrainConfig, run_dir: Path):
@@ -234,7 +241,9 @@ def _deepspeed_comm(config: TrainConfig) -> None:
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=config.ddp_timeout), verbose=False)
 
 
-def _run_sft(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig, save_to: Path | None) -> TrainResult:
+def _run_sft(
+    dataset: DatasetDict, model_config: ModelConfig, config: TrainConfig, save_to: Path | None, callbacks: Sequence[Any]
+) -> TrainResult:
     if not torch.cuda.is_available():  # DeepSpeed's "Setting accelerator to CPU" warning, said for it
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from transformers import DataCollatorForSeq2Seq, ProgressCallback, set_seed
@@ -301,6 +310,8 @@ def _run_sft(dataset: DatasetDict, model_config: ModelConfig, config: TrainConfi
     if config.generation_eval.samples and "validation" in dataset:  # answers at every evaluation
         answers = GenerationEval(dataset["validation"], tokenizer, config.generation_eval, config.seed, live)
         trainer.add_callback(answers)
+    for callback in callbacks:
+        trainer.add_callback(callback)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
