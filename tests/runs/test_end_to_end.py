@@ -156,10 +156,13 @@ def test_registered_model_loads_and_answers(project, monkeypatch):
     mlflow.set_tracking_uri("sqlite:///mlflow.db")
     from qwen_pipeline.models import load_tokenizer
 
-    model = mlflow.pyfunc.load_model("models:/qwen_pipeline_merged@candidate", model_config={"max_new_tokens": 4})
-    answers = model.predict(["What is 2 + 3?", [{"role": "user", "content": "你好"}]])
+    model = mlflow.pyfunc.load_model("models:/qwen_pipeline_merged@candidate")
+    conversations = [[{"role": "user", "content": "What is 2 + 3?"}], [{"role": "user", "content": "你好"}]]
+    answer = model.predict([{"messages": c} for c in conversations], params={"max_tokens": 4})
     tokenizer = load_tokenizer(str(root / "data/06_models/merged"))
-    assert len(answers) == 2 and all(len(tokenizer(a)["input_ids"]) <= 4 for a in answers), answers
+    texts = [choice["message"]["content"] for choice in answer["choices"]]
+    assert len(texts) == 2 and all(len(tokenizer(t)["input_ids"]) <= 4 for t in texts), answer
+    assert 2 <= answer["usage"]["completion_tokens"] <= 8, answer
     requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/qwen_pipeline_merged@candidate")).read_text()
     pins = [line for line in requirements.split() if line.startswith(("torch==", "transformers==", "mlflow=="))]
     assert len(pins) == 3 and not [pin for pin in pins if "+" in pin], requirements  # installable elsewhere
@@ -321,8 +324,8 @@ def test_a_moved_project_keeps_its_runs_and_models(project, model_cache, tmp_pat
         kedro(moved, "run", "--pipelines", "ingest", cache=model_cache)
         monkeypatch.chdir(moved)  # artifact locations are relative to it
         mlflow.set_tracking_uri(f"sqlite:///{moved / 'mlflow.db'}")  # (MLflow caches a store per URI string)
-        model = mlflow.pyfunc.load_model("models:/qwen_pipeline_merged@candidate", model_config={"max_new_tokens": 2})
-        assert len(model.predict(["hi"])) == 1
+        model = mlflow.pyfunc.load_model("models:/qwen_pipeline_merged@candidate")
+        assert len(model.predict({"prompt": "hi"}, params={"max_tokens": 2})["choices"]) == 1
         client = mlflow.MlflowClient()
         runs = client.search_runs([client.get_experiment_by_name("qwen_pipeline").experiment_id])
         by_name = {r.info.run_name: r for r in runs}

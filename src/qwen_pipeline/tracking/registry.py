@@ -55,6 +55,8 @@ def log_model_directory(
     import mlflow
     from mlflow import MlflowClient
 
+    from ..serving import signature as chat_signature
+
     if weights not in ("hardlink", "copy"):
         raise ValueError(f"mlflow_model.weights must be 'hardlink' or 'copy', got {weights!r}")
     tags = lineage_tags(manifest)
@@ -78,7 +80,8 @@ def log_model_directory(
             python_model=str(SERVING_CODE),
             artifacts={"model": str(artifact)},
             pip_requirements=requirements,
-            model_config={"max_new_tokens": 256},  # load_model(..., model_config=...) overrides it
+            signature=chat_signature(),  # MLflow's chat schemas; the generation options as params
+            model_config={"name": registered_model_name, "batch_size": 8},  # load_model(model_config=...) overrides
             metadata={"qwen_pipeline": json.loads(json.dumps(manifest, default=str))},
         )
     linked = 0
