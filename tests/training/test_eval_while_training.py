@@ -51,8 +51,9 @@ def train(tokenizer, tmp_path, train_answer: str, eval_answer: str, **settings):
             "validation": Dataset.from_list(rows(tokenizer, eval_answer)),
         }
     )
+    settings = {"learning_rate": 2e-2, **settings}
     config = TrainConfig(
-        learning_rate=2e-2, per_device_train_batch_size=4, per_device_eval_batch_size=4, gradient_accumulation_steps=1,
+        per_device_train_batch_size=4, per_device_eval_batch_size=4, gradient_accumulation_steps=1,
         lr_scheduler_type="constant", shuffle=False, output_dir=str(tmp_path / "ckpt"), **settings,
     )  # fmt: skip
     return run_sft(data, ModelConfig(), config)
@@ -70,6 +71,17 @@ def test_eval_loss_is_logged_at_each_evaluation_beside_the_train_loss(tokenizer,
     assert (summary["evaluations"], summary["best_step"], summary["stopped_by"]) == (3, 6, "schedule")
     assert summary["best_eval_loss"] == pytest.approx(by_step[6])
     assert summary["eval_loss"] == by_step[6]  # the last evaluation, at the last step: not run again
+
+
+@pytest.mark.parametrize("layout", [{"packing": True, "pack_length": 64}, {"neat_packing": True, "pack_length": 64},
+                                    {"padding_free": True}])  # fmt: skip
+def test_eval_under_packed_layouts_is_the_eval_of_unpacked_examples(tokenizer, tmp_path, embedded_dir, layout):
+    """With the weights left as they are (learning rate 0), the eval loss is the same whatever the training
+    layout: the validation examples are evaluated one per segment, never packed together."""
+    settings = {"learning_rate": 0.0, "max_steps": 1, "eval_strategy": "steps", "eval_steps": 1}
+    plain = train(tokenizer, tmp_path / "plain", "OK", "OK then", **settings).summary["eval_loss"]
+    packed = train(tokenizer, tmp_path / "packed", "OK", "OK then", **settings, **layout).summary["eval_loss"]
+    assert packed == pytest.approx(plain, rel=1e-5)
 
 
 def test_early_stopping_stops_a_run_whose_validation_loss_rises(tokenizer, tmp_path, mlflow_run, embedded_dir):
