@@ -57,3 +57,99 @@ run = click.Command(
     name="run", params=kedro_run.params, callback=_checked_run, help=kedro_run.help, short_help=kedro_run.short_help
 )
 cli.add_command(run)
+
+
+@cli.group(name="llamafactory")
+def llamafactory() -> None:
+    """LLaMA-Factory recipes in and out (llamafactory_recipes.py)."""
+
+
+@llamafactory.command(name="import", context_settings={"ignore_unknown_options": True})
+@click.option("--env", required=True, help="the configuration environment to write: conf/<env>/")
+@click.option("--force", is_flag=True, help="replace conf/<env>/ when it exists")
+@click.argument("recipe", nargs=-1, type=click.UNPROCESSED, required=True)
+def import_recipe(env: str, force: bool, recipe: tuple[str, ...]) -> None:
+    """RECIPE: LLaMA-Factory config files (YAML or JSON, as `llamafactory-cli train FILE` / `export FILE` take
+    them; several are read in order), or, after `--`, the argument list of `llamafactory-cli train` /
+    `src/train.py` (optionally from `torchrun ... src/train.py`)."""
+    from . import llamafactory_recipes as lf
+
+    project = find_kedro_project(Path.cwd()) or Path.cwd()
+    try:
+        combined, launcher, sources = _read_recipes(list(recipe))
+        source = " + ".join(sources)
+        base = Path(sources[0]).resolve().parent if Path(sources[0]).is_file() else Path.cwd()
+        imported = lf.import_recipe(
+            combined, source, base=base, launcher=launcher, env=env, base_parameters=_parameters(project, None)
+        )
+        written = lf.write_environment(imported, project / "conf", env, source, overwrite=force)
+    except lf.RecipeError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"Wrote {', '.join(str(p.relative_to(project)) for p in written)}")
+    for key, why in imported.ignored.items():
+        click.echo(f"  not used here: {key}: {why}")
+    if imported.at_default:
+        click.echo(f"  at the value that runs here anyway: {', '.join(imported.at_default)}")
+    for item in imported.filled:
+        click.echo(f"  left out, so LLaMA-Factory's default: {item}")
+    click.echo(f"Run it: kedro run --pipelines sft --env {env}, then kedro run --pipelines merge --env {env}")
+
+
+def _read_recipes(items: list[str]) -> tuple[dict, dict, list[str]]:
+    """Files read in order (a key given twice must agree), or one command line."""
+    from . import llamafactory_recipes as lf
+
+    files = [item for item in items if Path(item).suffix in (".yaml", ".yml", ".json") and "=" not in item]
+    if not files or items[0] in ("torchrun", "llamafactory-cli") or items[0].startswith("-"):
+        recipe, launcher = lf.read_command_line(items)
+        return recipe, launcher, ["the command line"]
+    combined: dict = {}
+    for file in files:
+        for key, value in lf.read_recipe_file(Path(file)).items():
+            if key in combined and combined[key] != value:
+                raise lf.RecipeError(" + ".join(files), [f"{key}: {combined[key]!r} in one file, {value!r} in {file}"])
+            combined[key] = value
+    overrides = [item for item in items if item not in files]
+    recipe, launcher = lf.read_command_line([files[0], *overrides]) if overrides else (combined, {})
+    return combined | recipe, launcher, files
+
+
+@llamafactory.command(name="export")
+@click.option("--env", default=None, help="the configuration environment to export (default: base)")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="folder for train.yaml and merge.yaml")
+def export_recipe(env: str | None, out: Path) -> None:
+    """The environment's settings as LLaMA-Factory 0.9.5's train.yaml (and merge.yaml for LoRA), for side-by-side
+    runs: `llamafactory-cli train OUT/train.yaml`, from this project's folder (its dataset_dir is data/01_raw)."""
+    import yaml
+
+    from . import llamafactory_recipes as lf
+    from .embedded import EMBEDDED_MODEL, ensure_embedded_model
+
+    project = find_kedro_project(Path.cwd()) or Path.cwd()
+    parameters = _parameters(project, env)
+    model = dict(parameters.pop("model", None) or {})
+    path = model.get("model_name_or_path", EMBEDDED_MODEL)
+    model_path = str(ensure_embedded_model()) if path == EMBEDDED_MODEL else path
+    train, merge, lost = lf.export_recipe(parameters, model, model_path=model_path, out_name=env or "base")
+    out.mkdir(parents=True, exist_ok=True)
+    version = lf.LLAMAFACTORY_VERSION
+    header = f"# conf/{env or 'base'} of qwen_pipeline for LLaMA-Factory {version} (kedro llamafactory export)\n"
+    if lost:
+        header += "# Settings of ours with no LLaMA-Factory key (not carried over):\n"
+        header += "".join(f"#   {item}\n" for item in lost)
+    (out / "train.yaml").write_text(header + yaml.safe_dump(train, sort_keys=False, allow_unicode=True))
+    written = [out / "train.yaml"]
+    if merge:
+        (out / "merge.yaml").write_text(header + yaml.safe_dump(merge, sort_keys=False, allow_unicode=True))
+        written.append(out / "merge.yaml")
+    click.echo(f"Wrote {', '.join(map(str, written))}")
+    for item in lost:
+        click.echo(f"  no LLaMA-Factory key, not carried over: {item}")
+
+
+def _parameters(project: Path, env: str | None) -> dict:
+    """An environment's parameters as a run reads them, with its globals' ``model`` block as ``model``."""
+    from kedro.framework.project import settings
+
+    loader = settings.CONFIG_LOADER_CLASS(conf_source=str(project / "conf"), env=env, **settings.CONFIG_LOADER_ARGS)
+    return {**loader["parameters"], "model": dict(loader["globals"].get("model") or {})}
