@@ -1,0 +1,232 @@
+"""`kedro llamafactory import` / `export`: LLaMA-Factory 0.9.5's own example recipes (tests/fixtures/llamafactory,
+moved to a Qwen2.5 model and the qwen template) and the Qwen2.5 guide's torchrun command line become environments
+whose parameters carry each key's value; what cannot be honoured is refused with nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from helpers import copy_project
+
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "llamafactory"
+EXAMPLES = FIXTURES / "examples"
+LLAMAFACTORY_PYTHON = Path(os.environ.get("QWEN_PIPELINE_LLAMAFACTORY_PYTHON", "/tmp/lfvenv/bin/python"))
+QWEN = "Qwen/Qwen2.5-7B-Instruct"
+
+# The Qwen2.5 fine-tuning guide's LLaMA-Factory command line (qwen.readthedocs.io, "LLaMA-Factory"), with
+# $DISTRIBUTED_ARGS for one node of 8 GPUs and the placeholders filled in.
+GUIDE = (
+    "torchrun --nproc_per_node 8 --nnodes 1 --node_rank 0 --master_addr localhost --master_port 6601 src/train.py "
+    "--deepspeed ds_z3_config.json --stage sft --do_train --use_fast_tokenizer --flash_attn fa2 "
+    f"--model_name_or_path {QWEN} --dataset your_dataset --template qwen --finetuning_type lora "
+    "--lora_target q_proj,v_proj --output_dir saves/qwen2.5-7b/lora --overwrite_cache --overwrite_output_dir "
+    "--warmup_steps 100 --weight_decay 0.1 --per_device_train_batch_size 4 --gradient_accumulation_steps 4 "
+    "--ddp_timeout 9000 --learning_rate 5e-6 --lr_scheduler_type cosine --logging_steps 1 --cutoff_len 4096 "
+    "--save_steps 1000 --plot_loss --num_train_epochs 3 --bf16"
+).split()
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A copy of the project as the working directory, bootstrapped as `kedro` does."""
+    from kedro.framework.startup import bootstrap_project
+
+    root = copy_project(tmp_path / "project", demo_data=True)
+    monkeypatch.chdir(root)
+    bootstrap_project(root)
+    return root
+
+
+def kedro_llamafactory(*args: str):
+    from qwen_pipeline.cli import llamafactory
+
+    return CliRunner().invoke(llamafactory, list(args), catch_exceptions=False)
+
+
+def moved_to_qwen25(example: str, folder: Path, *, uncomment_eval: bool = False) -> Path:
+    """An example recipe with its model swapped for Qwen2.5 and its template for qwen (line by line, comments
+    kept); with ``uncomment_eval``, its commented ``### eval`` settings switched on (eval_dataset left out: it
+    names a training dataset, which a run here refuses)."""
+    lines = []
+    for line in (EXAMPLES / example).read_text().splitlines():
+        if line.startswith("model_name_or_path:"):
+            line = f"model_name_or_path: {QWEN}"
+        elif line.startswith("template:"):
+            line = "template: qwen"
+        elif uncomment_eval and line.startswith("# ") and ":" in line and "eval_dataset" not in line:
+            line = line[2:]
+        lines.append(line)
+    target = folder / example
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("\n".join(lines) + "\n")
+    return target
+
+
+def environment(root: Path, env: str) -> dict:
+    """conf/<env>'s blocks, with its globals' model block as "model"."""
+    blocks = yaml.safe_load((root / "conf" / env / "parameters.yml").read_text()) or {}
+    if (root / "conf" / env / "globals.yml").is_file():
+        blocks["model"] = yaml.safe_load((root / "conf" / env / "globals.yml").read_text())["model"]
+    return blocks
+
+
+def flat(blocks: dict) -> dict:
+    return {f"{block}.{key}": value for block, values in blocks.items() for key, value in values.items()}
+
+
+def test_the_guides_torchrun_command_line_becomes_an_environment(project):
+    result = kedro_llamafactory("import", "--env", "guide", "--", *GUIDE)
+    assert result.exit_code == 0, result.output
+    got = flat(environment(project, "guide"))
+    expected = {
+        "model.model_name_or_path": QWEN,
+        "model.use_fast_tokenizer": True,
+        "ingest.dataset": ["your_dataset"],
+        "processing.overwrite_cache": True,
+        "format.template": "qwen",
+        "format.cutoff_len": 4096,
+        "train.deepspeed": "conf/base/deepspeed/zero3.json",  # LLaMA-Factory's ds_z3_config.json is our zero3.json
+        "train.flash_attn": "fa2",
+        "train.finetuning_type": "lora",
+        "train.lora_target": ["q_proj", "v_proj"],
+        "train.overwrite_output_dir": True,
+        "train.warmup_steps": 100,
+        "train.weight_decay": 0.1,
+        "train.per_device_train_batch_size": 4,
+        "train.gradient_accumulation_steps": 4,
+        "train.ddp_timeout": 9000,
+        "train.learning_rate": 5e-6,
+        "train.lr_scheduler_type": "cosine",
+        "train.logging_steps": 1,
+        "train.save_steps": 1000,
+        "train.num_train_epochs": 3.0,
+        "train.bf16": True,
+        "train.nproc_per_node": 8,
+        "train.nnodes": 1,
+        # left out of the command line: LLaMA-Factory's defaults, where conf/base says otherwise
+        "format.val_size": 0.0,
+        "train.lora_alpha": None,
+        "train.warmup_ratio": 0.0,
+        "train.gradient_checkpointing": True,
+        "train.save_total_limit": None,
+    }
+    assert got == expected
+    text = (project / "conf/guide/parameters.yml").read_text()
+    for key in ("do_train", "output_dir", "plot_loss", "torchrun --master_port"):
+        assert f"#   {key}: " in text and f"not used here: {key}: " in result.output
+    assert "#   train.gradient_checkpointing: True (disable_gradient_checkpointing)" in text
+
+
+EXPECTED_EXAMPLES = {
+    "train_lora/qwen3_lora_sft.yaml": {
+        "train.finetuning_type": "lora", "train.lora_rank": 8, "train.lora_target": "all",
+        "train.learning_rate": 1e-4, "train.num_train_epochs": 3.0, "train.lr_scheduler_type": "cosine",
+        "train.warmup_ratio": 0.1, "train.bf16": True, "train.ddp_timeout": 180000000,
+        "train.per_device_train_batch_size": 1, "train.gradient_accumulation_steps": 8, "train.logging_steps": 10,
+        "train.save_steps": 500, "train.overwrite_output_dir": True, "ingest.dataset": ["identity", "alpaca_en_demo"],
+        "ingest.max_samples": 1000, "format.cutoff_len": 2048, "processing.num_proc": 16,
+        "format.val_size": 0.1, "train.per_device_eval_batch_size": 1, "train.eval_strategy": "steps",
+        "train.eval_steps": 500,
+    },
+    "train_lora/qwen3_lora_sft_ds3.yaml": {
+        "train.deepspeed": "conf/base/deepspeed/zero3.json", "train.lora_rank": 8, "train.learning_rate": 1e-4,
+        "train.per_device_train_batch_size": 1, "train.gradient_accumulation_steps": 2, "train.bf16": True,
+    },
+    "train_full/qwen3_full_sft.yaml": {
+        "train.finetuning_type": "full", "train.deepspeed": "conf/base/deepspeed/zero3.json",
+        "train.learning_rate": 1e-5, "train.gradient_accumulation_steps": 2, "train.bf16": True,
+    },
+    "train_qlora/qwen3_lora_sft_otfq.yaml": {
+        "train.quantization_bit": 4, "train.finetuning_type": "lora", "train.lora_rank": 8,
+        "train.learning_rate": 1e-4, "train.bf16": True,
+    },
+    "merge_lora/qwen3_lora_sft.yaml": {
+        "merge.export_size": 5, "merge.export_device": "cpu", "merge.export_legacy_format": False,
+        "format.template": "qwen",
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("example", sorted(EXPECTED_EXAMPLES))
+def test_llamafactorys_own_examples_import_with_every_value(project, tmp_path, example):
+    recipe = moved_to_qwen25(example, tmp_path / "recipes", uncomment_eval=True)
+    result = kedro_llamafactory("import", str(recipe), "--env", "imported")
+    assert result.exit_code == 0, result.output
+    got = flat(environment(project, "imported"))
+    assert got["model.model_name_or_path"] == QWEN and got["model.trust_remote_code"] is True
+    expected = EXPECTED_EXAMPLES[example]
+    assert {key: got.get(key) for key in expected} == expected
+    given = yaml.safe_load(recipe.read_text())
+    assert got["format.template"] == "qwen"
+    for key in ("output_dir", "report_to", "plot_loss", "adapter_name_or_path", "export_dir"):
+        assert (key in given) == (f"#   {key}: " in (project / "conf/imported/parameters.yml").read_text())
+
+
+def test_a_deepspeed_config_of_its_own_is_copied_into_the_environment(project, tmp_path):
+    settings = json.loads((EXAMPLES / "deepspeed/ds_z3_config.json").read_text())
+    settings["zero_optimization"]["stage3_max_live_parameters"] = 5e8  # not one of ours any more
+    (tmp_path / "my_z3.json").write_text(json.dumps(settings))
+    result = kedro_llamafactory(
+        "import", "--env", "own", "--", *GUIDE[14:], "--deepspeed", str(tmp_path / "my_z3.json")
+    )
+    assert result.exit_code == 0, result.output
+    assert environment(project, "own")["train"]["deepspeed"] == "conf/own/deepspeed/my_z3.json"
+    assert json.loads((project / "conf/own/deepspeed/my_z3.json").read_text()) == settings
+
+
+@pytest.mark.parametrize(
+    ("recipe", "says"),
+    [
+        ("train_lora/qwen3_lora_sft.yaml",  # as LLaMA-Factory ships it: a Qwen3 template
+         "template: 'qwen3_nothink' cannot be honoured: only the qwen template is built here"),
+        ("other/qwen3_lora_dpo.yaml", "stage: 'dpo' cannot be honoured: only supervised fine-tuning"),
+        ("train_qlora/llama3_lora_sft_gptq.yaml", None),
+    ],
+)  # fmt: skip
+def test_a_recipe_that_cannot_run_here_is_refused_and_nothing_is_written(project, recipe, says):
+    result = kedro_llamafactory("import", str(EXAMPLES / recipe), "--env", "refused")
+    assert result.exit_code == 1
+    assert "cannot import, nothing written" in result.output
+    if says:
+        assert says in result.output
+    assert not (project / "conf" / "refused").exists()
+
+
+def test_a_misspelt_key_is_refused_with_did_you_mean(project, tmp_path):
+    recipe = moved_to_qwen25("train_lora/qwen3_lora_sft.yaml", tmp_path)
+    recipe.write_text(recipe.read_text().replace("learning_rate:", "learning_rte:"))
+    result = kedro_llamafactory("import", str(recipe), "--env", "typo")
+    assert result.exit_code == 1
+    assert "learning_rte: not an argument of LLaMA-Factory 0.9.5 (did you mean 'learning_rate'?)" in result.output
+    assert not (project / "conf" / "typo").exists()
+
+
+def test_an_existing_environment_is_replaced_only_when_asked(project):
+    assert kedro_llamafactory("import", "--env", "guide", "--", *GUIDE).exit_code == 0
+    (project / "conf/guide/parameters.yml").write_text("# mine\n")
+    again = kedro_llamafactory("import", "--env", "guide", "--", *GUIDE)
+    assert again.exit_code == 1 and "conf/guide exists: choose another --env, or --force to replace it" in again.output
+    assert (project / "conf/guide/parameters.yml").read_text() == "# mine\n"
+    assert kedro_llamafactory("import", "--env", "guide", "--force", "--", *GUIDE).exit_code == 0
+    assert environment(project, "guide")["train"]["learning_rate"] == 5e-6
+
+
+def test_export_then_import_gives_the_same_parameters(project, tmp_path):
+    assert kedro_llamafactory("import", "--env", "guide", "--", *GUIDE).exit_code == 0
+    exported = kedro_llamafactory("export", "--env", "guide", "--out", str(tmp_path / "lf"))
+    assert exported.exit_code == 0, exported.output
+    train = yaml.safe_load((tmp_path / "lf/train.yaml").read_text())
+    assert train["lora_target"] == "q_proj,v_proj" and train["learning_rate"] == 5e-6
+    assert train["disable_gradient_checkpointing"] is False and train["deepspeed"] == "conf/base/deepspeed/zero3.json"
+    again = kedro_llamafactory(
+        "import", str(tmp_path / "lf/train.yaml"), str(tmp_path / "lf/merge.yaml"), "--env", "back"
+    )
+    assert again.exit_code == 0, again.output
+    first, second = flat(environment(project, "guide")), flat(environment(project, "back"))
+    launcher = {"train.nproc_per_node", "train.nnodes"}  # torchrun's, not in a LLaMA-Factory recipe
+    assert {k: v for k, v in second.items() if k in first} == {k: v for k, v in first.items() if k not in launcher}
