@@ -134,6 +134,12 @@ def export_recipe(env: str | None, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     version = lf.LLAMAFACTORY_VERSION
     header = f"# conf/{env or 'base'} of qwen_pipeline for LLaMA-Factory {version} (kedro llamafactory export)\n"
+    train_block = parameters.get("train") or {}
+    nproc, nnodes = train_block.get("nproc_per_node", 1), train_block.get("nnodes", 1)
+    if nproc > 1 or nnodes > 1:
+        header += (
+            f"# Launch: FORCE_TORCHRUN=1 NPROC_PER_NODE={nproc} NNODES={nnodes} llamafactory-cli train train.yaml\n"
+        )
     if lost:
         header += "# Settings of ours with no LLaMA-Factory key (not carried over):\n"
         header += "".join(f"#   {item}\n" for item in lost)

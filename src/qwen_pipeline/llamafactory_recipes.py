@@ -488,8 +488,12 @@ def export_recipe(
         else:
             value = (parameters.get(block) or {}).get(name, getattr(defaults[block], name, None))
         carried.update(mapped.to)
-        if value is None or (isinstance(value, list) and not value):
-            continue
+        if (
+            value is None
+            or (isinstance(value, list) and not value)
+            or (mapped.none is not None and value == mapped.none)
+        ):
+            continue  # LLaMA-Factory's default there too
         value = mapped.back(value) if mapped.back else value
         if isinstance(value, list):
             value = ",".join(str(v) for v in value)
@@ -502,13 +506,19 @@ def export_recipe(
     merge["export_dir"] = f"saves/{out_name}/merged"
     if isinstance(merge.get("export_size"), float):
         merge["export_size"] = math.ceil(merge["export_size"])  # LLaMA-Factory takes whole GB
+    if train.get("save_steps") == 0:  # ours: no checkpoints
+        train.pop("save_steps")
+        train["save_strategy"] = "no"
     if train.get("finetuning_type") != "lora":
         merge = {}
+    launcher = {"nproc_per_node", "nnodes"}  # LLaMA-Factory takes them from the environment (see the header)
     lost = []
     for block, config in defaults.items():
         for field in dataclasses.fields(config):
             name = f"{block}.{field.name}"
             value = (parameters.get(block) or {}).get(field.name)
-            if name not in carried and value is not None and value != getattr(config, field.name):
+            default = getattr(config, field.name)
+            default = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default
+            if name not in carried and field.name not in launcher and value is not None and value != default:
                 lost.append(f"{name}: {value!r}")
     return train, merge, lost

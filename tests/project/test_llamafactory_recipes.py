@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -230,3 +231,37 @@ def test_export_then_import_gives_the_same_parameters(project, tmp_path):
     first, second = flat(environment(project, "guide")), flat(environment(project, "back"))
     launcher = {"train.nproc_per_node", "train.nnodes"}  # torchrun's, not in a LLaMA-Factory recipe
     assert {k: v for k, v in second.items() if k in first} == {k: v for k, v in first.items() if k not in launcher}
+
+
+def llamafactory_parses(path: Path, kind: str) -> dict:
+    """LLaMA-Factory 0.9.5's own parsing of ``path`` (tests/workers/llamafactory_parse.py in its venv)."""
+    worker = Path(__file__).parents[1] / "workers" / "llamafactory_parse.py"
+    done = subprocess.run([str(LLAMAFACTORY_PYTHON), str(worker), str(path), kind], capture_output=True, text=True)
+    answer = json.loads(done.stdout or "{}")
+    assert answer.get("ok"), (answer, done.stderr[-2000:])
+    return answer["parsed"]
+
+
+@pytest.mark.slow  # ~15 s each: LLaMA-Factory imports torch and transformers
+@pytest.mark.skipif(
+    not LLAMAFACTORY_PYTHON.is_file(),
+    reason=f"no LLaMA-Factory 0.9.5 venv at {LLAMAFACTORY_PYTHON} (set QWEN_PIPELINE_LLAMAFACTORY_PYTHON; "
+    "`pip install llamafactory==0.9.5` into a venv of its own, as benchmarks/ do)",
+)
+@pytest.mark.parametrize("recipe", ["guide", "train_lora/qwen3_lora_sft.yaml", "train_qlora/qwen3_lora_sft_otfq.yaml"])
+def test_llamafactory_accepts_what_export_wrote(project, tmp_path, recipe):
+    if recipe == "guide":  # without its DeepSpeed config, which LLaMA-Factory parses only under torchrun
+        args = [a for a in GUIDE if a not in ("--deepspeed", "ds_z3_config.json")]
+        result = kedro_llamafactory("import", "--env", "mine", "--", *args)
+    else:
+        result = kedro_llamafactory("import", str(moved_to_qwen25(recipe, tmp_path)), "--env", "mine")
+    assert result.exit_code == 0, result.output
+    assert kedro_llamafactory("export", "--env", "mine", "--out", str(tmp_path / "lf")).exit_code == 0
+    written = yaml.safe_load((tmp_path / "lf/train.yaml").read_text())
+    parsed = llamafactory_parses(tmp_path / "lf/train.yaml", "train")
+    assert set(parsed) == set(written)  # every key taken by one of its argument classes
+    same = ("learning_rate", "cutoff_len", "lora_rank", "per_device_train_batch_size", "bf16", "template", "dataset")
+    assert {k: parsed[k] for k in same} == {k: written[k] for k in same} | {"dataset": written["dataset"].split(",")}
+    assert parsed["lora_target"] == written["lora_target"].split(",")  # LLaMA-Factory splits it as we do
+    merged = llamafactory_parses(tmp_path / "lf/merge.yaml", "export")
+    assert merged["export_dir"] == yaml.safe_load((tmp_path / "lf/merge.yaml").read_text())["export_dir"]
