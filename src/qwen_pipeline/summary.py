@@ -47,7 +47,9 @@ class RunSummaryHook:
     def after_pipeline_run(self, run_params: dict[str, Any], run_result, pipeline, catalog) -> None:
         _readable_runner_tag(run_params)
         try:
-            lines = summary_lines(pipeline.all_outputs(), catalog, time.monotonic() - self._started)
+            lines = summary_lines(
+                pipeline.all_outputs(), catalog, time.monotonic() - self._started, run_params.get("env")
+            )
         except Exception:  # noqa: BLE001 - a summary never fails a run that succeeded
             logger.debug("no run summary", exc_info=True)
             return
@@ -60,7 +62,7 @@ def _path(catalog, name: str) -> str:
     return str(inner.get("filepath") or inner.get("path") or described.get("filepath") or name)
 
 
-def summary_lines(outputs: set[str], catalog, seconds: float) -> list[str]:
+def summary_lines(outputs: set[str], catalog, seconds: float, env: str | None = None) -> list[str]:
     lines = [f"finished in {seconds:.1f} s"]
     lines += _mlflow_lines()
     stages = []
@@ -125,7 +127,8 @@ def summary_lines(outputs: set[str], catalog, seconds: float) -> list[str]:
             lines.append(f"evaluated: {registered['model_uri']} (the metrics are on that model version too)")
     if stages:
         last = max(stages, key=STAGES.index)
-        lines.append(f"next: {NEXT[last]}")
+        same_env = f" --env {env}" if env and env != "local" and NEXT[last].startswith("kedro run") else ""
+        lines.append(f"next: {NEXT[last]}{same_env}")  # in the environment this run used
     return lines
 
 

@@ -265,3 +265,30 @@ def test_llamafactory_accepts_what_export_wrote(project, tmp_path, recipe):
     assert parsed["lora_target"] == written["lora_target"].split(",")  # LLaMA-Factory splits it as we do
     merged = llamafactory_parses(tmp_path / "lf/merge.yaml", "export")
     assert merged["export_dir"] == yaml.safe_load((tmp_path / "lf/merge.yaml").read_text())["export_dir"]
+
+
+@pytest.mark.slow  # ~100 s: the imported recipe's 90 steps on the embedded model, then its merge
+def test_an_imported_recipe_runs_with_the_model_swapped(tmp_path, model_cache):
+    """LLaMA-Factory's LoRA SFT example and its merge example in one environment; the run swaps the model for the
+    embedded one and the example's datasets (identity, alpaca_en_demo) for the demo's; nothing else."""
+    import sys
+
+    root = copy_project(tmp_path / "project")
+    recipes = [moved_to_qwen25(f"{kind}/qwen3_lora_sft.yaml", tmp_path) for kind in ("train_lora", "merge_lora")]
+    env = {**os.environ, "QWEN_PIPELINE_CACHE": str(model_cache), "KEDRO_DISABLE_TELEMETRY": "true"}
+
+    def kedro(*args):
+        done = subprocess.run([sys.executable, "-m", "kedro", *args], cwd=root, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        return done.stdout + done.stderr
+
+    kedro("llamafactory", "import", *map(str, recipes), "--env", "lf")
+    swap = "model.model_name_or_path=embedded:tiny-qwen2.5"
+    trained = kedro("run", "--pipelines", "sft", "--env", "lf", "--params", f"{swap},ingest.dataset=alpaca_demo")
+    # the recipe's own settings ran: 240 examples, 3 epochs of 8-example steps (batch 1 x accumulation 8) = 90
+    assert "training: 90 steps" in trained and "next: kedro run --pipelines merge --env lf" in trained
+    summary = json.loads((root / "data/08_reporting/training_summary.json").read_text())
+    assert summary["global_steps"] == 90 and summary["epochs"] == pytest.approx(3.0)
+    merged = kedro("run", "--pipelines", "merge", "--env", "lf", "--params", swap)
+    assert "Merge check passed" in merged
+    assert (root / "data/06_models/merged/model.safetensors").is_file()
