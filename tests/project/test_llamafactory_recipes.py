@@ -292,3 +292,31 @@ def test_an_imported_recipe_runs_with_the_model_swapped(tmp_path, model_cache):
     merged = kedro("run", "--pipelines", "merge", "--env", "lf", "--params", swap)
     assert "Merge check passed" in merged
     assert (root / "data/06_models/merged/model.safetensors").is_file()
+
+
+def test_the_readme_key_map_lists_every_key_import_knows():
+    from qwen_pipeline import llamafactory_recipes as lf
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    table = readme[readme.index("| LLaMA-Factory key | here | note |") :]
+    rows = {line.split("|")[1].strip().strip("`") for line in table.splitlines() if line.startswith("| `")}
+    assert rows == set(lf.MAPPED) | set(lf.IGNORED) | set(lf.ONLY)
+
+
+def test_key_value_overrides_after_the_file_win_as_on_llamafactory_cli(project, tmp_path):
+    recipe = moved_to_qwen25("train_lora/qwen3_lora_sft.yaml", tmp_path)
+    result = kedro_llamafactory("import", str(recipe), "learning_rate=2e-5", "lora_target=q_proj,v_proj", "--env", "o")
+    assert result.exit_code == 0, result.output
+    train = environment(project, "o")["train"]
+    assert (train["learning_rate"], train["lora_target"]) == (2e-5, ["q_proj", "v_proj"])
+
+
+def test_lora_alpha_dropout_and_dora_carry_over(project):
+    extra = ["--lora_alpha", "32", "--lora_dropout", "0.05", "--use_dora", "--lora_rank", "16", "--max_samples", "500"]
+    result = kedro_llamafactory("import", "--env", "dora", "--", *GUIDE, *extra)
+    assert result.exit_code == 0, result.output
+    got = flat(environment(project, "dora"))
+    assert {k: got[k] for k in ("train.lora_alpha", "train.lora_dropout", "train.use_dora", "train.lora_rank")} == {
+        "train.lora_alpha": 32, "train.lora_dropout": 0.05, "train.use_dora": True, "train.lora_rank": 16,
+    }  # fmt: skip
+    assert got["ingest.max_samples"] == 500
