@@ -78,10 +78,11 @@ def import_recipe(env: str, force: bool, recipe: tuple[str, ...]) -> None:
     try:
         combined, launcher, sources = _read_recipes(list(recipe))
         source = " + ".join(sources)
-        base = Path(sources[0]).resolve().parent if Path(sources[0]).is_file() else Path.cwd()
+        recipe_dir = Path(sources[0]).resolve().parent if Path(sources[0]).is_file() else Path.cwd()
         imported = lf.import_recipe(
-            combined, source, base=base, launcher=launcher, env=env, base_parameters=_parameters(project, None)
-        )
+            combined, source, recipe_dir=recipe_dir, project=project, launcher=launcher, env=env,
+            base_parameters=_parameters(project, None),
+        )  # fmt: skip
         written = lf.write_environment(imported, project / "conf", env, source, overwrite=force)
     except lf.RecipeError as error:
         raise click.ClickException(str(error)) from None

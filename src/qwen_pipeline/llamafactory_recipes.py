@@ -279,9 +279,10 @@ def import_recipe(
     recipe: dict[str, Any],
     source: str,
     *,
-    base: Path,
+    recipe_dir: Path,
+    project: Path,
+    env: str,
     launcher: dict[str, Any] | None = None,
-    env: str = "NAME",
     base_parameters: dict[str, Any] | None = None,
 ) -> ImportedRecipe:
     """Map every key of ``recipe`` (see the module's docstring); raise ``RecipeError`` with every problem.
@@ -302,7 +303,7 @@ def import_recipe(
             mapped = MAPPED[key]
             converted = mapped.none if value is None else mapped.convert(value) if mapped.convert else value
             if key == "deepspeed":
-                converted, deepspeed_copy, problem = _deepspeed(str(value), base, env)
+                converted, deepspeed_copy, problem = _deepspeed(str(value), recipe_dir, project, env)
                 if problem:
                     problems.append(problem)
                     continue
@@ -398,23 +399,25 @@ OUR_DEEPSPEED = {  # LLaMA-Factory's example names -> ours (the same settings)
 }
 
 
-def _deepspeed(value: str, base: Path, env: str) -> tuple[str | None, tuple[Path, str] | None, str | None]:
+def _deepspeed(
+    value: str, recipe_dir: Path, project: Path, env: str
+) -> tuple[str | None, tuple[Path, str] | None, str | None]:
     """(the train.deepspeed path, a file to copy into the env, a problem): a config whose settings are one of
     conf/base/deepspeed's is referenced there; another is copied into conf/<env>/deepspeed/; a missing file is
     taken by LLaMA-Factory's example name, else refused."""
     ours = Path("conf/base/deepspeed")
-    candidates = [Path(value), base / value]
+    candidates = [Path(value), recipe_dir / value]  # as llamafactory-cli (run from its folder) or beside the recipe
     found = next((p for p in candidates if p.is_file()), None)
     if found is None:
         if Path(value).name in OUR_DEEPSPEED:
             return str(ours / OUR_DEEPSPEED[Path(value).name]), None, None
-        return None, None, f"deepspeed: no file {value} (looked in . and {base})"
+        return None, None, f"deepspeed: no file {value} (looked in . and {recipe_dir})"
     try:
         settings = json.loads(found.read_text())
     except json.JSONDecodeError as error:
         return None, None, f"deepspeed: {found} is not valid JSON ({error})"
     for name in sorted(set(OUR_DEEPSPEED.values())):
-        if (Path.cwd() / ours / name).is_file() and json.loads((Path.cwd() / ours / name).read_text()) == settings:
+        if (project / ours / name).is_file() and json.loads((project / ours / name).read_text()) == settings:
             return str(ours / name), None, None
     return f"conf/{env}/deepspeed/{found.name}", (found, found.name), None
 
