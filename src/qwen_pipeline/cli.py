@@ -69,9 +69,11 @@ def llamafactory() -> None:
 @click.option("--force", is_flag=True, help="replace conf/<env>/ when it exists")
 @click.argument("recipe", nargs=-1, type=click.UNPROCESSED, required=True)
 def import_recipe(env: str, force: bool, recipe: tuple[str, ...]) -> None:
-    """RECIPE: LLaMA-Factory config files (YAML or JSON, as `llamafactory-cli train FILE` / `export FILE` take
-    them; several are read in order), or, after `--`, the argument list of `llamafactory-cli train` /
-    `src/train.py` (optionally from `torchrun ... src/train.py`)."""
+    """A LLaMA-Factory recipe as the configuration environment conf/<env>/.
+
+    RECIPE: LLaMA-Factory config files (YAML or JSON, as `llamafactory-cli train FILE` / `export FILE` take
+    them; several are read in order, then key=value overrides), or, after `--`, the argument list of
+    `llamafactory-cli train` / `src/train.py` (optionally from `torchrun ... src/train.py`)."""
     from . import llamafactory_recipes as lf
 
     project = find_kedro_project(Path.cwd()) or Path.cwd()
@@ -119,8 +121,10 @@ def _read_recipes(items: list[str]) -> tuple[dict, dict, list[str]]:
 @click.option("--env", default=None, help="the configuration environment to export (default: base)")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="folder for train.yaml and merge.yaml")
 def export_recipe(env: str | None, out: Path) -> None:
-    """The environment's settings as LLaMA-Factory 0.9.5's train.yaml (and merge.yaml for LoRA), for side-by-side
-    runs: `llamafactory-cli train OUT/train.yaml`, from this project's folder (its dataset_dir is data/01_raw)."""
+    """An environment as LLaMA-Factory 0.9.5's train.yaml (and merge.yaml for LoRA).
+
+    For side-by-side runs: `llamafactory-cli train OUT/train.yaml` from this project's folder (its dataset_dir is
+    data/01_raw)."""
     import yaml
 
     from . import llamafactory_recipes as lf
