@@ -13,7 +13,8 @@ chat-completions request; ``{"inputs": [{"messages": [...]}, {"messages": [...]}
 several conversations in one batch, their choices in order (conversation i's j-th choice has index i * n + j).
 Each batch of conversations is generated together, left-padded; an answer ends at ``<|im_end|>``, at a ``stop``
 string (cut before it) or at ``max_tokens`` (finish_reason "length"). Options not given follow the model's own
-``generation_config.json`` (sampling included); ``temperature: 0`` is greedy.
+``generation_config.json`` (sampling included); ``temperature: 0`` is greedy; ``top_p`` or ``top_k`` without a
+temperature samples.
 
 The weights are the merged model's own files (``artifacts/model``): ``AutoModelForCausalLM`` loads them directly too.
 """
@@ -21,6 +22,7 @@ The weights are the merged model's own files (``artifacts/model``): ``AutoModelF
 from __future__ import annotations
 
 import copy
+import math
 import uuid
 from typing import Any
 
@@ -141,21 +143,28 @@ class QwenChatModel(PythonModel):
                 generation_config=config,
                 tokenizer=self.tokenizer,  # for the stop strings
             )
-        answers = [self.finish(row, options.stop) for row in out[:, width:].tolist()]
+        longest = max(map(len, options.stop), default=1)
+        tails = [self.tokenizer.decode(p[-longest:])[-(longest - 1) :] if longest > 1 else "" for p in prompts]
+        answers = [self.finish(row, options, tails[r // repeats]) for r, row in enumerate(out[:, width:].tolist())]
         return [answers[i * repeats + (j if repeats > 1 else 0)] for i in range(len(prompts)) for j in range(options.n)]
 
-    def finish(self, tokens: list[int], stop: list[str]) -> tuple[str, str, int]:
-        """The answer's text, why it ended and how many tokens it took: it ends at the first end-of-turn token
-        (counted), at a stop string (the text cut before it) or at max_tokens ("length")."""
-        end = next((i for i, token in enumerate(tokens) if token in self.ends), None)
+    def finish(self, tokens: list[int], options: GenerationOptions, prompt_tail: str) -> tuple[str, str, int]:
+        """The answer's text, why it ended and how many tokens it took. It ends at the first end-of-turn token
+        (counted), at a stop string (the text cut before it; transformers matches stop strings on the whole
+        sequence, so one may begin in the prompt's last characters, ``prompt_tail``), or at max_tokens."""
+        end = next((i for i, token in enumerate(tokens) if token in self.ends or token == self.pad), None)
         answer = tokens if end is None else tokens[:end]
         text = self.tokenizer.decode(answer, skip_special_tokens=True)
-        cuts = [text.find(s) for s in stop if s in text]
+        cuts = []
+        for stop in options.stop:
+            tail = prompt_tail[len(prompt_tail) - len(stop) + 1 :] if len(stop) > 1 else ""  # shorter than stop
+            if (at := (tail + text).find(stop)) >= 0:
+                cuts.append(max(0, at - len(tail)))
         if cuts:  # generation stopped on it; what follows is padding
             return text[: min(cuts)], "stop", len(answer)
         if end is not None:
-            return text, "stop", end + 1
-        return text, "length", len(answer)
+            return text, "stop", len(answer) + (tokens[end] in self.ends)
+        return text, "length" if len(answer) >= options.max_tokens else "stop", len(answer)
 
 
 class GenerationOptions:
@@ -171,7 +180,12 @@ class GenerationOptions:
             value = params.get(name)
             if value is None:
                 return None
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or (kind is int and value != int(value))
+            ):
                 raise bad_request(f"{name} must be a{'n integer' if kind is int else ' number'}, got {value!r}")
             if value < low or (low_open and value == low) or (high is not None and value > high):
                 bounds = f"{'above' if low_open else 'at least'} {low}" + (f" and at most {high}" if high else "")
@@ -206,6 +220,8 @@ class GenerationOptions:
         if self.temperature is not None:
             config.do_sample = self.temperature > 0
             config.temperature = self.temperature if config.do_sample else None
+        elif self.top_p is not None or self.top_k is not None:  # asked for a sampling cut: sampling it is
+            config.do_sample = True
         for name in ("top_p", "top_k"):
             if getattr(self, name) is not None:
                 setattr(config, name, getattr(self, name))

@@ -161,6 +161,24 @@ def test_a_stop_string_ends_the_answer_before_it(served):
     assert response["usage"]["completion_tokens"] < 12
 
 
+def test_a_stop_string_that_begins_in_the_prompt_ends_the_answer_at_once(served):
+    """transformers matches stop strings on the whole sequence: the prompt ends "assistant\n", the answer begins
+    " pass", so "\n pass" is met by the first token, and nothing of it is returned."""
+    model, _, _ = served
+    (full,) = texts(model.predict({"messages": STORY}, params={"max_tokens": 4, "temperature": 0}))
+    assert full.startswith(" pass")
+    response = model.predict({"messages": STORY}, params={"max_tokens": 4, "temperature": 0, "stop": ["\n pass"]})
+    assert texts(response) == [""]
+    assert response["choices"][0]["finish_reason"] == "stop" and response["usage"]["completion_tokens"] == 1
+
+
+def test_top_p_without_a_temperature_samples(served):
+    model, _, _ = served  # its generation config is greedy
+    torch.manual_seed(0)
+    sampled = model.predict({"messages": COLORS}, params={"max_tokens": 6, "n": 3, "top_p": 0.95})
+    assert len(set(texts(sampled))) > 1
+
+
 def test_n_choices_per_conversation_in_order(served):
     model, _, _ = served
     greedy = model.predict([{"messages": HI}, {"messages": COLORS}], params={"max_tokens": 4, "n": 2, "temperature": 0})
@@ -196,6 +214,7 @@ def test_a_plain_prompt_is_one_user_turn(served):
         ({"messages": HI}, {"max_tokens": 3, "max_new_tokens": 4}, "max_tokens (3) and max_new_tokens (4) disagree"),
         ({"messages": HI}, {"temperature": 2.5}, "temperature must be at least 0.0 and at most 2.0, got 2.5"),
         ({"messages": HI}, {"top_p": 0.0}, "top_p must be above 0.0 and at most 1.0, got 0.0"),
+        ({"messages": HI}, {"temperature": float("nan")}, "temperature must be a number, got nan"),
         ({"messages": HI}, {"n": 17}, "n must be at least 1 and at most 16, got 17"),
         ({"messages": HI}, {"stop": ["a", "b", "c", "d", "e"]}, "stop must be at most 4 non-empty strings"),
     ],
