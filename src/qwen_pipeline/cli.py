@@ -83,7 +83,7 @@ def import_recipe(env: str, force: bool, recipe: tuple[str, ...]) -> None:
         recipe_dir = Path(sources[0]).resolve().parent if Path(sources[0]).is_file() else Path.cwd()
         imported = lf.import_recipe(
             combined, source, recipe_dir=recipe_dir, project=project, launcher=launcher, env=env,
-            base_parameters=_parameters(project, None),
+            base_parameters=_parameters(project, "base"),  # what `kedro run --env <env>` adds the env to
         )  # fmt: skip
         written = lf.write_environment(imported, project / "conf", env, source, overwrite=force)
     except lf.RecipeError as error:

@@ -71,7 +71,10 @@ MAPPED: dict[str, Mapped] = {
     "eval_dataset": _to("ingest.eval_dataset", convert=_comma_list, none=[]),
     "max_samples": _to("ingest.max_samples"),
     "mix_strategy": _to("ingest.mix_strategy"),
-    "interleave_probs": _to("ingest.interleave_probs", convert=lambda v: [float(x) for x in _comma_list(v)]),
+    "interleave_probs": _to(
+        "ingest.interleave_probs",
+        convert=lambda v: [float(x) for x in (_comma_list(v) if isinstance(v, (str, list)) else [v])],
+    ),
     "overwrite_cache": _to("processing.overwrite_cache"),
     "preprocessing_num_workers": _to("processing.num_proc"),
     "preprocessing_batch_size": _to("processing.batch_size"),
@@ -110,6 +113,7 @@ MAPPED: dict[str, Mapped] = {
     "max_grad_norm": _to("train.max_grad_norm", convert=float),
     "logging_steps": _to("train.logging_steps"),
     "seed": _to("train.seed", "format.seed", "ingest.seed"),  # LLaMA-Factory has one seed for all of them
+    "disable_shuffling": _to("train.shuffle", convert=lambda v: not v, back=lambda v: not v),
     "bf16": _to("train.bf16"),
     "fp16": _to("train.fp16"),
     "disable_gradient_checkpointing": _to(
@@ -148,7 +152,7 @@ IGNORED: dict[str, str] = {
     "resume_from_checkpoint": "a rerun resumes from the last complete checkpoint by itself "
     "(train.overwrite_output_dir: true starts over)",
     "save_only_model": "checkpoints hold what resuming needs",
-    "save_strategy": "checkpoints follow train.save_steps (0: none)",
+    "gradient_checkpointing": "LLaMA-Factory turns it on itself unless disable_gradient_checkpointing (mapped)",
     "ddp_find_unused_parameters": "set by the Trainer",
     "dataloader_num_workers": "batches are built in the training process",
     "tokenized_path": "the format stage caches its output itself (data/03_primary/sft_dataset)",
@@ -170,6 +174,7 @@ ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
     "metric_for_best_model": (("eval_loss", "loss"), "the best model here is the lowest eval loss"),
     "streaming": ((False,), "the data stages stream from disk already; streaming datasets are not read"),
     "eval_strategy": (("no", "steps", "epoch"), "eval_strategy is no, steps or epoch"),
+    "save_strategy": (("steps", "no", "best"), "checkpoints are every save_steps steps (no / best: save_steps 0)"),
     "model_revision": (("main",), "the model is read at the revision in the Hugging Face cache or the folder"),
 }
 
@@ -197,30 +202,47 @@ def read_recipe_file(path: Path) -> dict[str, Any]:
     return data
 
 
+LAUNCHERS = {  # the first words of a command line, before the script's own arguments
+    "torchrun": "torchrun", "deepspeed": "deepspeed", "python": "python", "python3": "python",
+}  # fmt: skip
+
+
 def read_command_line(args: Iterable[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The arguments ``llamafactory-cli train`` / ``src/train.py`` take (``--key value``, ``--key=value``, a bare
-    ``--flag`` is true), optionally after ``torchrun [its options] src/train.py`` or ``llamafactory-cli train``.
-    Returns (the recipe, torchrun's own options)."""
+    ``--flag`` is true), typed as LLaMA-Factory's parser types them. They may follow environment assignments
+    (``FORCE_TORCHRUN=1 NPROC_PER_NODE=8``), ``llamafactory-cli train`` or ``export``, or a launcher and its
+    options before the script (``torchrun --nproc_per_node 8 src/train.py``, ``deepspeed --num_gpus 8 ...``,
+    ``python src/train.py``). Returns (the recipe, the launcher's settings: nproc_per_node, nnodes, and the
+    other words it was given)."""
     args = list(args)
     launcher: dict[str, Any] = {}
-    if args and args[0] == "torchrun":
+    while args and "=" in args[0] and not args[0].startswith("-"):  # VAR=value before the command
+        name, _, value = args.pop(0).partition("=")
+        launcher[{"NPROC_PER_NODE": "nproc_per_node", "NNODES": "nnodes"}.get(name, f"${name}")] = _scalar(value)
+    if args and args[0] in LAUNCHERS:
         script = next((i for i, a in enumerate(args) if a.endswith(".py")), None)
         if script is None:
-            raise RecipeError("command line", ["torchrun without the training script (src/train.py)"])
-        launcher = _options(args[1:script], "torchrun")
+            raise RecipeError("command line", [f"{args[0]} without the training script (src/train.py)"])
+        options = _options(args[1:script], args[0])
+        renamed = {"num_gpus": "nproc_per_node", "num_nodes": "nnodes"}
+        launcher |= {renamed.get(k.replace("-", "_"), k.replace("-", "_")): _scalar(v) if isinstance(v, str) else v
+                     for k, v in options.items()}  # fmt: skip
         args = args[script + 1 :]
-    elif args[:2] == ["llamafactory-cli", "train"]:
+    elif args[:1] == ["llamafactory-cli"] and args[1:2] in (["train"], ["export"]):
         args = args[2:]
     if args and not args[0].startswith("-"):  # llamafactory-cli train recipe.yaml key=value ...
         recipe = read_recipe_file(Path(args[0]))
-        for item in args[1:]:
+        for item in args[1:]:  # as OmegaConf.from_cli reads them
             key, _, value = item.lstrip("-").partition("=")
             recipe[key] = _scalar(value)
         return recipe, launcher
-    return _options(args, "command line"), launcher
+    known = llamafactory_keys()
+    options = _options(args, "command line")
+    return {key: _typed(value, known.get(key)) for key, value in options.items()}, launcher
 
 
 def _options(args: list[str], source: str) -> dict[str, Any]:
+    """``--key value`` / ``--key=value`` as text, a bare ``--flag`` as True."""
     found: dict[str, Any] = {}
     i = 0
     while i < len(args):
@@ -229,9 +251,9 @@ def _options(args: list[str], source: str) -> dict[str, Any]:
             raise RecipeError(source, [f"expected --key, got {arg!r} (after {' '.join(args[:i])!r})"])
         key, equals, value = arg[2:].partition("=")
         if equals:
-            found[key] = _scalar(value)
+            found[key] = value
         elif i + 1 < len(args) and not args[i + 1].startswith("--"):
-            found[key] = _scalar(args[i + 1])
+            found[key] = args[i + 1]
             i += 1
         else:
             found[key] = True
@@ -239,8 +261,32 @@ def _options(args: list[str], source: str) -> dict[str, Any]:
     return found
 
 
+def _typed(text: Any, default: Any) -> Any:
+    """A command-line value as LLaMA-Factory's argument parser reads it, by the argument's type (known from its
+    default): yes/no/true/false for a flag, numbers for numbers, the text itself for text (eval_strategy no)."""
+    if not isinstance(text, str):
+        return text
+    low = text.lower()
+    if isinstance(default, bool) or (default is None and low in ("true", "false")):
+        return {
+            "true": True,
+            "yes": True,
+            "y": True,
+            "1": True,
+            "false": False,
+            "no": False,
+            "n": False,
+            "0": False,
+        }.get(low, text)
+    if isinstance(default, str):
+        return text
+    number = _scalar(text)
+    return number if isinstance(number, (int, float)) and not isinstance(number, bool) else text
+
+
 def _scalar(text: str) -> Any:
-    """A command-line value typed as YAML would, with numbers such as 5e-6 read as numbers."""
+    """A value typed as YAML would (OmegaConf.from_cli, for key=value overrides), with numbers such as 5e-6 read as
+    numbers."""
     value = yaml.safe_load(text) if text else ""
     if isinstance(value, str):
         try:
@@ -302,7 +348,7 @@ def import_recipe(
         if key in MAPPED:
             mapped = MAPPED[key]
             converted = mapped.none if value is None else mapped.convert(value) if mapped.convert else value
-            if key == "deepspeed":
+            if key == "deepspeed" and value is not None:
                 converted, deepspeed_copy, problem = _deepspeed(str(value), recipe_dir, project, env)
                 if problem:
                     problems.append(problem)
@@ -327,13 +373,17 @@ def import_recipe(
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(f"{key}: not an argument of LLaMA-Factory {LLAMAFACTORY_VERSION}{hint}")
     for key, value in (launcher or {}).items():
-        target = {"nproc_per_node": "nproc_per_node", "nnodes": "nnodes"}.get(key.replace("-", "_"))
-        if target is None:
-            ignored[f"torchrun --{key}"] = "set by the environment (NODE_RANK, MASTER_ADDR, MASTER_PORT) at run time"
-        elif isinstance(value, int):
-            blocks.setdefault("train", {})[target] = value
+        if key in ("nproc_per_node", "nnodes") and isinstance(value, int) and not isinstance(value, bool):
+            blocks.setdefault("train", {})[key] = value
+        elif key in ("nproc_per_node", "nnodes"):
+            ignored[f"launcher {key}"] = f"{value!r} is not a number: set train.{key} or the env var at run time"
+        elif key == "$FORCE_TORCHRUN":
+            ignored["FORCE_TORCHRUN"] = "kedro starts torchrun itself when train.nproc_per_node or nnodes is above 1"
+        elif key.startswith("$"):
+            ignored[key[1:]] = "an environment variable of the command line: set it when running kedro, if needed"
         else:
-            ignored[f"torchrun --{key}"] = f"{value!r} is not a number: set train.{target} or the env var at run time"
+            ignored[f"launcher --{key}"] = "set by the environment at run time (NODE_RANK, MASTER_ADDR, MASTER_PORT)"
+    problems += _recipe_rules(recipe, blocks)
     filled = _fill_defaults(recipe, blocks, known, base_parameters or {})
     problems += _check_blocks(blocks)
     if problems:
@@ -360,6 +410,28 @@ def _fill_defaults(recipe, blocks, known, base_parameters) -> list[str]:
                 blocks.setdefault(block, {})[name] = value
                 filled.append(f"{target}: {value!r} ({key})")
     return filled
+
+
+def _recipe_rules(recipe: dict[str, Any], blocks: dict[str, dict[str, Any]]) -> list[str]:
+    """Keys that change what another key means: save_strategy no / best (no periodic checkpoints), warmup_steps
+    below 1 (a ratio, as transformers 5 reads it), and a ratio and a count of warmup steps together (there the
+    ratio wins, here the steps: refused)."""
+    train = blocks.setdefault("train", {})
+    if recipe.get("save_strategy") in ("no", "best"):
+        train["save_steps"] = 0  # best: with load_best_model_at_end, only the best is kept (TrainConfig's rule)
+    steps, ratio = recipe.get("warmup_steps"), recipe.get("warmup_ratio")
+    if isinstance(steps, float) and 0 < steps < 1:
+        if ratio:
+            return [f"warmup_steps: {steps} is a ratio (below 1) and warmup_ratio is {ratio}: give one"]
+        train["warmup_ratio"], train["warmup_steps"] = steps, 0
+    elif steps and ratio:
+        return [
+            f"warmup_ratio: {ratio} and warmup_steps: {steps} are both set; LLaMA-Factory (transformers 5) uses the "
+            "ratio, this project the steps: give one"
+        ]
+    if not train:
+        blocks.pop("train")
+    return []
 
 
 def _same(value: Any, default: Any) -> bool:
@@ -509,9 +581,20 @@ def export_recipe(
     merge["export_dir"] = f"saves/{out_name}/merged"
     if isinstance(merge.get("export_size"), float):
         merge["export_size"] = math.ceil(merge["export_size"])  # LLaMA-Factory takes whole GB
-    if train.get("save_steps") == 0:  # ours: no checkpoints
+    ours = parameters.get("train") or {}
+    if train.get("save_steps") == 0:  # ours: no checkpoints, or only the best one (with load_best_model_at_end)
         train.pop("save_steps")
-        train["save_strategy"] = "no"
+        train["save_strategy"] = "best" if train.get("load_best_model_at_end") else "no"
+    if train.get("early_stopping_steps") or train.get("load_best_model_at_end"):
+        train["metric_for_best_model"] = "eval_loss"  # transformers' early stopping needs it named
+    if train.get("eval_dataset"):
+        train.pop("val_size", None)  # unused with an eval dataset, here as there; LLaMA-Factory refuses both
+    if train.get("warmup_steps"):
+        train.pop("warmup_ratio", None)  # the steps win here; there (transformers 5) a ratio would
+    else:
+        train.pop("warmup_steps", None)
+    if merge.get("export_device", "cpu") != "cpu":
+        merge["export_device"] = "auto"  # LLaMA-Factory's only other choice
     if train.get("finetuning_type") != "lora":
         merge = {}
     launcher = {"nproc_per_node", "nnodes"}  # LLaMA-Factory takes them from the environment (see the header)
@@ -524,4 +607,8 @@ def export_recipe(
             default = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default
             if name not in carried and field.name not in launcher and value is not None and value != default:
                 lost.append(f"{name}: {value!r}")
+    for name in ("format.seed", "ingest.seed"):  # one seed there: train.seed's
+        block, key = name.split(".")
+        if (value := (parameters.get(block) or {}).get(key)) is not None and value != ours.get("seed", 42):
+            lost.append(f"{name}: {value!r} (LLaMA-Factory has one seed, train.seed's {ours.get('seed', 42)})")
     return train, merge, lost

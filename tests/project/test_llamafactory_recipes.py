@@ -118,7 +118,7 @@ def test_the_guides_torchrun_command_line_becomes_an_environment(project):
     }
     assert got == expected
     text = (project / "conf/guide/parameters.yml").read_text()
-    for key in ("do_train", "output_dir", "plot_loss", "torchrun --master_port"):
+    for key in ("do_train", "output_dir", "plot_loss", "launcher --master_port"):
         assert f"#   {key}: " in text and f"not used here: {key}: " in result.output
     assert "#   train.gradient_checkpointing: True (disable_gradient_checkpointing)" in text
 
@@ -320,3 +320,75 @@ def test_lora_alpha_dropout_and_dora_carry_over(project):
         "train.lora_alpha": 32, "train.lora_dropout": 0.05, "train.use_dora": True, "train.lora_rank": 16,
     }  # fmt: skip
     assert got["ingest.max_samples"] == 500
+
+
+@pytest.mark.parametrize(
+    ("args", "key", "expected"),
+    [
+        (["--eval_strategy", "no"], "train.eval_strategy", "no"),  # text stays text, as LLaMA-Factory reads it
+        (["--bf16", "no"], "train.bf16", False),  # a flag: yes / no / true / false
+        (["--max_steps", "-1"], "train.max_steps", -1),
+        (["--interleave_probs", "1", "--mix_strategy", "interleave_under"], "ingest.interleave_probs", [1.0]),
+        (["--save_strategy", "no", "--save_steps", "500"], "train.save_steps", 0),
+        (["--warmup_steps", "0.1"], "train.warmup_ratio", 0.1),  # transformers 5 reads warmup_steps < 1 as a ratio
+        (["--disable_shuffling"], "train.shuffle", False),
+    ],
+)
+def test_command_line_values_are_typed_as_llamafactory_types_them(project, args, key, expected):
+    base = [{"fa2": "sdpa"}.get(a, a) for a in GUIDE[14:] if a != "--bf16"]  # bf16 given by some cases
+    result = kedro_llamafactory("import", "--env", "typed", "--", *base, *args)
+    assert result.exit_code == 0, result.output
+    assert flat(environment(project, "typed"))[key] == expected
+
+
+def test_launchers_and_environment_assignments_before_the_command(project):
+    command = ["FORCE_TORCHRUN=1", "NNODES=2", "deepspeed", "--num_gpus", "4", "src/train.py", *GUIDE[14:]]
+    result = kedro_llamafactory("import", "--env", "ds", "--", *command)
+    assert result.exit_code == 0, result.output
+    train = environment(project, "ds")["train"]
+    assert (train["nproc_per_node"], train["nnodes"]) == (4, 2)
+    assert "not used here: FORCE_TORCHRUN: kedro starts torchrun itself" in result.output
+
+
+def test_warmup_ratio_and_steps_together_are_refused(project):
+    result = kedro_llamafactory("import", "--env", "w", "--", *GUIDE[14:], "--warmup_ratio", "0.1")
+    assert result.exit_code == 1
+    assert "warmup_ratio: 0.1 and warmup_steps: 100 are both set" in result.output
+
+
+def test_deepspeed_null_turns_deepspeed_off(project, tmp_path):
+    recipe = moved_to_qwen25("train_lora/qwen3_lora_sft_ds3.yaml", tmp_path)
+    result = kedro_llamafactory("import", str(recipe), "deepspeed=null", "--env", "off")
+    assert result.exit_code == 0, result.output
+    assert environment(project, "off")["train"]["deepspeed"] is None
+
+
+EVALUATING = {  # an environment that evaluates on a dataset of its own, keeps the best step and stops early
+    "ingest": {"dataset": ["alpaca_demo"], "eval_dataset": ["sharegpt_demo"]},
+    "train": {"eval_strategy": "steps", "eval_steps": 10, "load_best_model_at_end": True, "save_steps": 0,
+              "early_stopping_patience": 3, "warmup_steps": 10},
+}  # fmt: skip
+
+
+def export_evaluating(project: Path, out: Path) -> dict:
+    (project / "conf/evaluating").mkdir()
+    (project / "conf/evaluating/parameters.yml").write_text(yaml.safe_dump(EVALUATING))
+    result = kedro_llamafactory("export", "--env", "evaluating", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    return yaml.safe_load((out / "train.yaml").read_text())
+
+
+def test_export_writes_what_llamafactory_needs_for_the_same_run(project, tmp_path):
+    train = export_evaluating(project, tmp_path / "lf")
+    assert train["save_strategy"] == "best" and "save_steps" not in train  # only the best step is kept, as here
+    assert train["metric_for_best_model"] == "eval_loss" and train["early_stopping_steps"] == 3
+    assert train["eval_dataset"] == "sharegpt_demo" and "val_size" not in train  # conf/base's val_size is unused
+    assert train["warmup_steps"] == 10 and "warmup_ratio" not in train  # there a ratio would win over the steps
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LLAMAFACTORY_PYTHON.is_file(), reason=f"no LLaMA-Factory 0.9.5 venv at {LLAMAFACTORY_PYTHON}")
+def test_llamafactory_accepts_an_exported_evaluating_recipe(project, tmp_path):
+    export_evaluating(project, tmp_path / "lf")
+    parsed = llamafactory_parses(tmp_path / "lf/train.yaml", "train")
+    assert (parsed["save_strategy"], parsed["load_best_model_at_end"]) == ("best", True)
