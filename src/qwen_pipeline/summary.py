@@ -150,8 +150,12 @@ def _mlflow_lines(started: bool = False) -> list[str]:
     if "mlflow" not in sys.modules:  # tracking disabled for this pipeline
         return []
     import mlflow
+    from mlflow.exceptions import MlflowException
 
-    run = mlflow.active_run() or (None if started else mlflow.last_active_run())
+    try:
+        run = mlflow.active_run() or (None if started else mlflow.last_active_run())
+    except MlflowException:  # the last run this process made is in another store: not this run's
+        return []
     if run is None:
         return []
     uri = mlflow.get_tracking_uri()
