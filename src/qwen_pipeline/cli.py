@@ -78,9 +78,9 @@ def import_recipe(env: str, force: bool, recipe: tuple[str, ...]) -> None:
 
     project = find_kedro_project(Path.cwd()) or Path.cwd()
     try:
-        combined, launcher, sources = _read_recipes(list(recipe))
-        source = " + ".join(sources)
-        recipe_dir = Path(sources[0]).resolve().parent if Path(sources[0]).is_file() else Path.cwd()
+        combined, launcher, source = lf.read_recipes(list(recipe))
+        first = Path(source.split(" + ")[0])
+        recipe_dir = first.resolve().parent if first.is_file() else Path.cwd()
         imported = lf.import_recipe(
             combined, source, recipe_dir=recipe_dir, project=project, launcher=launcher, env=env,
             base_parameters=_parameters(project, "base"),  # what `kedro run --env <env>` adds the env to
@@ -96,25 +96,6 @@ def import_recipe(env: str, force: bool, recipe: tuple[str, ...]) -> None:
     for item in imported.filled:
         click.echo(f"  left out, so LLaMA-Factory's default: {item}")
     click.echo(f"Run it: kedro run --pipelines sft --env {env}, then kedro run --pipelines merge --env {env}")
-
-
-def _read_recipes(items: list[str]) -> tuple[dict, dict, list[str]]:
-    """Files read in order (a key given twice must agree), or one command line."""
-    from . import llamafactory_recipes as lf
-
-    files = [item for item in items if Path(item).suffix in (".yaml", ".yml", ".json") and "=" not in item]
-    if not files or items[0] in ("torchrun", "llamafactory-cli") or items[0].startswith("-"):
-        recipe, launcher = lf.read_command_line(items)
-        return recipe, launcher, ["the command line"]
-    combined: dict = {}
-    for file in files:
-        for key, value in lf.read_recipe_file(Path(file)).items():
-            if key in combined and combined[key] != value:
-                raise lf.RecipeError(" + ".join(files), [f"{key}: {combined[key]!r} in one file, {value!r} in {file}"])
-            combined[key] = value
-    overrides = [item for item in items if item not in files]
-    recipe, launcher = lf.read_command_line([files[0], *overrides]) if overrides else (combined, {})
-    return combined | recipe, launcher, files
 
 
 @llamafactory.command(name="export")

@@ -202,6 +202,36 @@ def read_recipe_file(path: Path) -> dict[str, Any]:
     return data
 
 
+RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def read_recipes(items: list[str]) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """What ``kedro llamafactory import`` was given: recipe files then ``key=value`` overrides, or a command line.
+    Returns (the recipe, the launcher's settings, where it came from)."""
+    if items and Path(items[0]).suffix in RECIPE_SUFFIXES and "=" not in items[0]:
+        recipe, files = read_recipe_files(items)
+        return recipe, {}, " + ".join(files)
+    recipe, launcher = read_command_line(items)
+    return recipe, launcher, "the command line"
+
+
+def read_recipe_files(items: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """Recipe files read in order (a key given in two must agree), then ``key=value`` overrides as
+    ``OmegaConf.from_cli`` reads them (what ``llamafactory-cli train FILE k=v`` does). Returns (recipe, files)."""
+    files = [item for item in items if Path(item).suffix in RECIPE_SUFFIXES and "=" not in item]
+    recipe: dict[str, Any] = {}
+    for file in files:
+        for key, value in read_recipe_file(Path(file)).items():
+            if key in recipe and recipe[key] != value:
+                raise RecipeError(" + ".join(files), [f"{key}: {recipe[key]!r} in one file, {value!r} in {file}"])
+            recipe[key] = value
+    for item in items:
+        if item not in files:
+            key, _, value = item.lstrip("-").partition("=")
+            recipe[key] = _scalar(value)
+    return recipe, files
+
+
 LAUNCHERS = {  # the first words of a command line, before the script's own arguments
     "torchrun": "torchrun", "deepspeed": "deepspeed", "python": "python", "python3": "python",
 }  # fmt: skip
@@ -231,10 +261,7 @@ def read_command_line(args: Iterable[str]) -> tuple[dict[str, Any], dict[str, An
     elif args[:1] == ["llamafactory-cli"] and args[1:2] in (["train"], ["export"]):
         args = args[2:]
     if args and not args[0].startswith("-"):  # llamafactory-cli train recipe.yaml key=value ...
-        recipe = read_recipe_file(Path(args[0]))
-        for item in args[1:]:  # as OmegaConf.from_cli reads them
-            key, _, value = item.lstrip("-").partition("=")
-            recipe[key] = _scalar(value)
+        recipe, _ = read_recipe_files(args)
         return recipe, launcher
     known = llamafactory_keys()
     options = _options(args, "command line")
